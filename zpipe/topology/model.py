@@ -1,0 +1,103 @@
+"""Typed model of a topology: nodes with a role, a plugin, placement and named sockets."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+Name = Annotated[str, Field(pattern=NAME)]
+
+Pattern = Literal["push", "pull", "pub", "sub", "req", "rep", "dealer", "router", "pair"]
+
+# Which pattern may talk to which: ZeroMQ's valid socket combinations.
+PEERS: dict[str, set[str]] = {
+    "push": {"pull"},
+    "pull": {"push"},
+    "pub": {"sub"},
+    "sub": {"pub"},
+    "req": {"rep", "router"},
+    "rep": {"req", "dealer"},
+    "dealer": {"router", "rep", "dealer"},
+    "router": {"dealer", "req", "router"},
+    "pair": {"pair"},
+}
+# Data flows from the first of these to the second; only such links can form forbidden cycles.
+SENDERS = {"push", "pub"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SocketSpec(Strict):
+    """One named socket of a node: its pattern, and whether it binds or connects to a peer."""
+
+    pattern: Pattern
+    connect: str | None = Field(None, description="`node.socket` this socket connects to; omit to bind")
+    bind: bool | None = Field(None, description="defaults to true when `connect` is not given")
+    port: int | None = Field(None, ge=1, le=65535, description="fixed port to bind; default: any free port")
+    transport: Literal["tcp", "ipc"] = "tcp"
+    hwm: int = Field(1000, ge=1, description="high-water mark, in messages per peer")
+
+    @model_validator(mode="after")
+    def _one_side(self) -> "SocketSpec":
+        if self.connect is not None and self.bind:
+            raise ValueError("a socket either binds or connects to a peer, not both")
+        if self.connect is None and self.bind is False:
+            raise ValueError("a socket that does not bind must name the peer it connects to (`connect: node.socket`)")
+        if self.port is not None and self.connect is not None:
+            raise ValueError("`port` is only for a socket that binds")
+        return self
+
+    @property
+    def binds(self) -> bool:
+        return self.connect is None
+
+
+class NodeSpec(Strict):
+    """A node of the graph: `replicas` processes of one role, each with `threads` worker threads."""
+
+    role: str
+    plugin: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    host: Name = "localhost"
+    replicas: int = Field(1, ge=1, le=4096)
+    threads: int = Field(1, ge=1, le=1024)
+    sockets: dict[Name, SocketSpec] = Field(default_factory=dict)
+
+
+class HostSpec(Strict):
+    """A machine the graph runs on, and the address peers reach it at (never 0.0.0.0)."""
+
+    address: str = "127.0.0.1"
+    bind: str = Field("", description="interface to bind on; default: `address`")
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "HostSpec":
+        if self.address in ("0.0.0.0", "*", "::"):
+            raise ValueError("`address` is what peers connect to and must be reachable; put 0.0.0.0 in `bind`")
+        return self
+
+
+class RegistrySpec(Strict):
+    """The one bootstrap address; every other endpoint is found through the registry behind it."""
+
+    host: Name | None = Field(None, description="the host that runs the registry server; default: the first host")
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port (only for a single-host run)")
+    address: str | None = Field(None, description="an external registry, e.g. tcp://10.0.0.5:5555; no server is started")
+
+
+class Topology(Strict):
+    name: Name
+    description: str = ""
+    registry: RegistrySpec = RegistrySpec()
+    hosts: dict[Name, HostSpec] = Field(default_factory=lambda: {"localhost": HostSpec()})
+    nodes: dict[Name, NodeSpec]
+
+    def hosts_used(self) -> list[str]:
+        return sorted({n.host for n in self.nodes.values()})
+
+    def registry_host(self) -> str:
+        return self.registry.host or next(iter(self.hosts))
