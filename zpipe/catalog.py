@@ -37,7 +37,7 @@ class PluginInfo:
 
 def _check(obj) -> str | None:
     if not isinstance(obj, type) or not issubclass(obj, Plugin):
-        return f"{obj!r} is not a subclass of zpipe.plugin.Source or zpipe.plugin.Stage"
+        return f"{obj!r} is not a subclass of zpipe.plugin.Source, Stage or Analysis"
     if obj.kind not in KINDS or not issubclass(obj, KINDS[obj.kind]):
         return f"{obj.__name__}.kind is {obj.kind!r}; expected one of {sorted(KINDS)} from its base class"
     if not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):

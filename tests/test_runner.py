@@ -1,0 +1,155 @@
+"""`zpipe run` with real processes and sockets: it finishes, reports crashes, stops cleanly, leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from support import ROOT, zpipe
+
+
+def leftovers(marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in p.info["cmdline"] or []) and p.pid != os.getpid():
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.fixture
+def topo(tmp_path):
+    def write(text: str, name: str = "t.yaml"):
+        f = tmp_path / name
+        f.write_text(text)
+        return f
+    yield write
+    for p in leftovers(str(tmp_path)):  # never leave a process behind, even when a test fails
+        p.kill()
+
+
+@pytest.mark.timeout(60)
+def test_hello_runs_through_registry_resolved_sockets():
+    res = zpipe("run", str(ROOT / "topologies" / "hello.yaml"), timeout=50)
+    assert res.returncode == 0, res.stderr
+    summary = res.stdout.strip().splitlines()[-1]
+    assert summary.startswith("hello: done in")
+    assert "source sent 1,000 msgs" in summary and "sink received 1,000 msgs" in summary
+    assert "checksum_errors 0" in summary
+    assert not leftovers(str(ROOT / "topologies" / "hello.yaml"))
+
+
+MULTI = """\
+name: multi
+nodes:
+  source:
+    role: source
+    plugin: counter
+    replicas: 2
+    threads: 3
+    params: {messages: 600, size: 20000, scans: 2}
+    sockets:
+      out: {pattern: push}
+  relay:
+    role: stage
+    plugin: relay
+    sockets:
+      in: {pattern: pull, connect: source.out}
+      out: {pattern: push}
+  sink:
+    role: stage
+    plugin: checksum
+    replicas: 2
+    sockets:
+      in: {pattern: pull, connect: relay.out}
+"""
+
+
+@pytest.mark.timeout(90)
+def test_replicas_threads_and_a_relay_lose_nothing(topo):
+    f = topo(MULTI)
+    res = zpipe("run", str(f), timeout=80)
+    assert res.returncode == 0, res.stderr
+    line = res.stdout.strip().splitlines()[-1]
+    # 2 replicas x 2 scans x 600 messages, all checked by the sink's checksums.
+    assert "source sent 2,400 msgs" in line and "relay sent 2,400, received 2,400" in line
+    assert "sink received 2,400 msgs" in line and "checksum_errors 0" in line, line
+    assert not leftovers(str(f))
+
+
+@pytest.fixture
+def crashy_plugin(tmp_path):
+    """A third-party stage that raises on its first batch, installed only for this test's processes."""
+    pkg = tmp_path / "site"
+    info = pkg / "crashy-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crashy\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[zpipe.plugins]\ncrashy = crashy_zp:Crashy\n")
+    (pkg / "crashy_zp.py").write_text(
+        "from zpipe.plugin import Stage\n"
+        "class Crashy(Stage):\n"
+        "    def process(self, batch):\n"
+        "        raise RuntimeError('deliberate failure in batch of %d' % len(batch))\n")
+    return {"PYTHONPATH": str(pkg)}
+
+
+@pytest.mark.timeout(60)
+def test_a_crashing_node_is_reported_with_its_traceback(topo, crashy_plugin):
+    f = topo(MULTI.replace("plugin: checksum", "plugin: crashy"))
+    res = zpipe("run", str(f), env=crashy_plugin, timeout=50)
+    assert res.returncode == 1
+    assert "zpipe: node sink[" in res.stderr and "failed with exit code 1" in res.stderr
+    assert "RuntimeError: deliberate failure in batch of" in res.stderr
+    assert "Traceback (most recent call last)" in res.stderr
+    time.sleep(0.5)
+    assert not leftovers(str(f))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_everything_cleanly(topo, sig):
+    f = topo(MULTI.replace("messages: 600", "messages: 100000000"))
+    proc = subprocess.Popen([sys.executable, "-m", "zpipe", "run", str(f)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(leftovers(str(f))) < 6 and time.monotonic() < deadline:  # runner + 5 replicas
+            time.sleep(0.2)
+        time.sleep(1.0)  # data is flowing
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "stopping (signal received)" in err
+    assert "Traceback" not in err
+    assert not leftovers(str(f))
+
+
+@pytest.mark.timeout(60)
+def test_runner_killed_hard_takes_its_replicas_with_it(topo):
+    f = topo(MULTI.replace("messages: 600", "messages: 100000000"))
+    proc = subprocess.Popen([sys.executable, "-m", "zpipe", "run", str(f)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while len(leftovers(str(f))) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while leftovers(str(f)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not leftovers(str(f))

@@ -1,0 +1,119 @@
+"""The `zpipe` command: validate, run, plugins, kv."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_validate(args) -> int:
+    from zpipe.topology.load import check_file
+
+    bad = 0
+    for path in args.files:
+        _, problems = check_file(path)
+        for p in problems:
+            print(p, file=sys.stderr)
+        if problems:
+            bad += 1
+            print(f"{path}: {len(problems)} problem{'s' * (len(problems) != 1)}", file=sys.stderr)
+        elif not args.quiet:
+            print(f"{path}: ok")
+    return 1 if bad else 0
+
+
+def cmd_run(args) -> int:
+    from zpipe.topology.load import check_file
+
+    topo, problems = check_file(args.topology)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{args.topology}: not started: {len(problems)} problem{'s' * (len(problems) != 1)}", file=sys.stderr)
+        return 1
+    from zpipe.runner import Runner, RunError
+
+    try:
+        return Runner(topo, args.topology, host=args.host, registry=args.registry, output_dir=args.output_dir).run()
+    except RunError as exc:
+        print(f"zpipe run: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_plugins(args) -> int:
+    import json
+
+    from zpipe.catalog import catalog
+
+    rows = []
+    for name, info in catalog().items():
+        params = {}
+        if info.cls is not None:
+            for fname, f in info.cls.Params.model_fields.items():
+                params[fname] = {"type": getattr(f.annotation, "__name__", str(f.annotation)),
+                                 "default": None if f.is_required() else repr(f.default),
+                                 "description": f.description or ""}
+        rows.append({"name": name, "kind": info.kind, "distribution": info.distribution,
+                     "object": info.value, "params": params, "error": info.error})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<16} {r['kind']:<7} {r['distribution']:<24} {r['object']}")
+            if r["error"]:
+                print(f"    BROKEN: {r['error']}")
+            for pname, p in r["params"].items():
+                default = "required" if p["default"] is None else f"default {p['default']}"
+                desc = f"  {p['description']}" if p["description"] else ""
+                print(f"    {pname}: {p['type']} ({default}){desc}")
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+def cmd_kv(args) -> int:
+    from zpipe.kv.server import serve
+
+    def ready(address: str) -> None:
+        print(f"zpipe kv: serving at {address}", flush=True)
+
+    serve(args.bind, advertise=args.advertise, heartbeat=args.heartbeat, on_ready=ready)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zpipe", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check topology files; exit 1 if any has a problem")
+    p.add_argument("files", nargs="+")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run the nodes of a topology placed on this host")
+    p.add_argument("topology")
+    p.add_argument("--host", help="which of the topology's hosts this is (needed when there are several)")
+    p.add_argument("--registry", help="address of a running registry (default: start one if this host owns it)")
+    p.add_argument("--output-dir", default=".", help="where nodes write their files")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plugins", help="list installed plugins, their kind, distribution and parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("kv", help="run a stand-alone registry (key-value store) server")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555")
+    p.add_argument("--advertise", help="host or IP clients reach this server at, if --bind is 0.0.0.0")
+    p.add_argument("--heartbeat", type=float, default=1.0)
+    p.set_defaults(func=cmd_kv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Per-scan accounting in the key-value store: who sent how many messages where, who received them.
+
+A receiving node knows a scan is complete when every upstream replica has declared it done
+and the messages its replicas received add up to what was sent to it. Nothing here is per
+message: counters are published a few times a second and when a scan ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zpipe.kv import KVClient
+from zpipe.topology import Topology
+
+PREFIX = "flow/"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    node: str
+    socket: str  # the upstream node's socket that feeds us
+    replicas: int
+    fanout: bool  # pub/sub: every replica of ours gets every message
+
+
+def upstreams(topology: Topology, node: str, socket: str) -> list[Upstream]:
+    """The sockets of other nodes linked to `node.socket`, whichever side declared the link."""
+    spec = topology.nodes[node].sockets[socket]
+    found: list[Upstream] = []
+    if spec.connect:
+        peer, _, psock = spec.connect.partition(".")
+        found.append(Upstream(peer, psock, topology.nodes[peer].replicas, spec.pattern == "sub"))
+    for name, other in topology.nodes.items():
+        for sname, s in other.sockets.items():
+            if s.connect == f"{node}.{socket}":
+                found.append(Upstream(name, sname, other.replicas, spec.pattern == "sub"))
+    return found
+
+
+def flow_key(node: str, replica: int, scan: int | str) -> str:
+    return f"{PREFIX}{node}/{replica}/{scan}"
+
+
+def publish(kv: KVClient, node: str, replica: int, scan: int | str, **record) -> None:
+    kv.set(flow_key(node, replica, scan), record)
+
+
+def expected(kv: KVClient, ups: list[Upstream], scan: int) -> int | None:
+    """Messages sent to us for `scan` by all upstream replicas, or None while any is still sending."""
+    total = 0
+    for up in ups:
+        for r in range(up.replicas):
+            rec = kv.get(flow_key(up.node, r, scan))
+            if not rec or not rec.get("done"):
+                return None
+            total += rec.get("sent", {}).get(up.socket, 0)
+    return total
+
+
+def received(kv: KVClient, node: str, replicas: int, scan: int) -> int:
+    total = 0
+    for r in range(replicas):
+        rec = kv.get(flow_key(node, r, scan)) or {}
+        total += rec.get("received", 0)
+    return total
+
+
+def ended(kv: KVClient, ups: list[Upstream]) -> bool:
+    """True once every upstream replica has said it has no more scans."""
+    return all((kv.get(flow_key(u.node, r, "end")) or {}).get("done") for u in ups for r in range(u.replicas))
+
+
+def scans_announced(kv: KVClient, ups: list[Upstream]) -> set[int]:
+    ids: set[int] = set()
+    for up in ups:
+        for key in kv.items(f"{PREFIX}{up.node}/"):
+            last = key.rsplit("/", 1)[-1]
+            if last.isdigit():
+                ids.add(int(last))
+    return ids

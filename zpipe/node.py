@@ -1,0 +1,91 @@
+"""One node replica in its own process: `python -m zpipe.node ...`, started and supervised by the runner.
+
+The process dies with its runner (PR_SET_PDEATHSIG), answers SIGTERM by stopping cleanly,
+and reports a crash with its traceback on stderr and in the key-value store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+from zpipe import catalog
+from zpipe.roles import ROLES
+from zpipe.topology import load_topology
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the runner's process-group kill still covers us
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m zpipe.node")
+    ap.add_argument("--topology", required=True)
+    ap.add_argument("--node", required=True)
+    ap.add_argument("--replica", type=int, default=0)
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--registry", required=True)
+    ap.add_argument("--output-dir", default=".")
+    ap.add_argument("--parent", type=int, default=0, help="pid of the runner; exit if it is gone")
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` shows where a node is stuck
+    if args.parent and os.getppid() != args.parent:
+        return 1  # the runner died before we could ask to die with it
+    label = f"{args.node}[{args.replica}]"
+    logging.basicConfig(level=os.environ.get("ZPIPE_LOG", "INFO"), stream=sys.stderr,
+                        format=f"%(levelname)s {label} %(name)s: %(message)s")
+    topology = load_topology(args.topology)
+    spec = topology.nodes[args.node]
+    role = ROLES[spec.role]
+    from zpipe.runtime import NodeRuntime  # heavy imports after argument errors are out of the way
+
+    rt = NodeRuntime(topology, args.node, args.replica, args.host, args.registry, output_dir=args.output_dir)
+    signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: rt.stop.set())
+    status_key = rt.key("nodes")
+    rt.kv.set(status_key, {"role": spec.role, "host": args.host, "pid": os.getpid(), "state": "running",
+                           "since": time.time()}, ttl=3.0)
+    drain = False
+    try:
+        if role.plugin_kind:
+            cls = catalog.get(spec.plugin)
+            params = cls.Params.model_validate(spec.params)
+
+            def make_plugin():
+                return cls(params)
+        else:
+            make_plugin = None
+        totals = role.load()(rt, make_plugin)
+        rt.kv.set(status_key, {"role": spec.role, "host": args.host, "pid": os.getpid(), "state": "done",
+                               "totals": totals}, ttl=3.0)
+        drain = True
+        return 0
+    except InterruptedError:
+        return 0 if rt.stop.is_set() else 1
+    except Exception:
+        tb = traceback.format_exc()
+        sys.stderr.write(tb)
+        try:
+            rt.kv.set(status_key, {"role": spec.role, "host": args.host, "pid": os.getpid(), "state": "failed",
+                                   "error": tb[-4000:]}, ttl=30.0)
+        except Exception:
+            pass
+        return 1
+    finally:
+        rt.close(drain=drain)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

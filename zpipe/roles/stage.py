@@ -1,0 +1,135 @@
+"""The stage role: receives messages, hands them in batches to a stage plugin, sends on what it returns.
+
+It drains its input without polling per message, and ends a scan when the messages its
+replicas received add up to what upstream declared sent (see `zpipe.flow`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from zpipe import flow, wire
+from zpipe.plugin import Context, Message, Scan, Stage
+from zpipe.runtime import NodeRuntime
+
+log = logging.getLogger("zpipe.stage")
+BATCH = 64
+PUBLISH_EVERY = 0.1  # seconds between counter updates in the key-value store
+
+
+class _ScanState:
+    def __init__(self, scan: Scan):
+        self.scan = scan
+        self.received = self.bytes = 0
+        self.sent: dict[str, int] = {}
+        self.t0 = time.perf_counter()
+
+
+def run(rt: NodeRuntime, make_plugin) -> dict:
+    plugin: Stage = make_plugin()
+    plugin.setup(Context(rt.name, rt.replica, rt.spec.replicas, 0, rt.spec.threads, rt.host, rt.output_dir))
+    in_names, out_names = rt.inputs(), rt.outputs()
+    ups = [u for n in in_names for u in flow.upstreams(rt.topology, rt.name, n)]
+    fanout = any(u.fanout for u in ups)
+    links = {n: rt.open(n) for n in (*in_names, *out_names)}
+    outs = [links[n].socket for n in out_names]
+    for s in outs:
+        s.setsockopt(zmq.SNDTIMEO, 100)
+    poller = zmq.Poller()
+    for n in in_names:
+        poller.register(links[n].socket, zmq.POLLIN)
+
+    open_scans: dict[int, _ScanState] = {}
+    finished: set[int] = set()
+    totals = {"messages": 0, "bytes": 0, "rejected": 0, "scans": 0}
+    last_publish = 0.0
+
+    def state_for(scan_id: int) -> _ScanState:
+        st = open_scans.get(scan_id)
+        if st is None:
+            st = open_scans[scan_id] = _ScanState(Scan(scan_id))
+            plugin.begin(st.scan)
+        return st
+
+    def emit(st: _ScanState, produced) -> None:
+        for msg in produced or ():
+            for name, sock in zip(out_names, outs):
+                while True:
+                    try:
+                        wire.send(sock, msg)
+                        break
+                    except zmq.Again:
+                        if rt.stop.is_set():
+                            raise InterruptedError("stopped while sending") from None
+                        rt.refresh()
+                st.sent[name] = st.sent.get(name, 0) + 1
+
+    def publish_counts(final_for: _ScanState | None = None) -> None:
+        for st in open_scans.values():
+            flow.publish(rt.kv, rt.name, rt.replica, st.scan.id, done=st is final_for,
+                         received=st.received, bytes=st.bytes, sent=st.sent)
+
+    while not rt.stop.is_set():
+        batches: dict[int, list[Message]] = {}
+        got = 0
+        for n in in_names:
+            sock = links[n].socket
+            while got < BATCH * 4:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    msg = wire.decode(frames)
+                    scan_id = int(msg.header["scan"])
+                except (wire.BadMessage, KeyError, TypeError, ValueError) as exc:
+                    totals["rejected"] += 1
+                    if totals["rejected"] == 1:
+                        log.warning("%s[%d].%s rejected a message: %s", rt.name, rt.replica, n, exc)
+                    continue
+                if scan_id in finished:
+                    totals["rejected"] += 1
+                    log.warning("%s[%d] got a message for scan %d after it ended", rt.name, rt.replica, scan_id)
+                    continue
+                batches.setdefault(scan_id, []).append(msg)
+                got += 1
+        for scan_id, msgs in batches.items():
+            st = state_for(scan_id)
+            for i in range(0, len(msgs), BATCH):
+                chunk = msgs[i:i + BATCH]
+                emit(st, plugin.process(chunk))
+                st.received += len(chunk)
+                st.bytes += sum(m.nbytes for m in chunk)
+        now = time.monotonic()
+        if got and now - last_publish < PUBLISH_EVERY:
+            continue
+        # Idle or due: publish counters, then see whether any scan is complete.
+        last_publish = now
+        rt.refresh()  # follow upstream and downstream replicas as they come and go
+        publish_counts()
+        for scan_id in flow.scans_announced(rt.kv, ups) - finished:
+            state_for(scan_id)
+        for scan_id, st in sorted(open_scans.items()):
+            want = flow.expected(rt.kv, ups, scan_id)
+            have = st.received if fanout else flow.received(rt.kv, rt.name, rt.spec.replicas, scan_id)
+            if want is None or have < want:
+                continue
+            result = plugin.finish(st.scan) or {}
+            seconds = time.perf_counter() - st.t0
+            rt.kv.set(rt.key("results", scan_id), {**result, "received": st.received, "bytes": st.bytes,
+                                                   "seconds": seconds})
+            publish_counts(final_for=st)
+            del open_scans[scan_id]
+            finished.add(scan_id)
+            totals["messages"] += st.received
+            totals["bytes"] += st.bytes
+            totals["scans"] += 1
+        if not open_scans and flow.ended(rt.kv, ups):
+            flow.publish(rt.kv, rt.name, rt.replica, "end", done=True)
+            return totals
+        if not got:
+            poller.poll(20)
+    raise InterruptedError("stopped")

@@ -1,0 +1,148 @@
+"""What one node replica needs at run time: its spec, the registry, and its sockets opened by name.
+
+Sockets that bind take a free port (unless the topology fixes one) and publish their
+reachable address in the registry; sockets that connect find their peers there and follow
+them as replicas come and go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from zpipe.kv import KVClient
+from zpipe.registry import Endpoint, Follower, Registry, reachable
+from zpipe.topology import NodeSpec, SocketSpec, Topology
+
+log = logging.getLogger("zpipe.runtime")
+
+SOCKET_TYPES = {
+    "push": zmq.PUSH, "pull": zmq.PULL, "pub": zmq.PUB, "sub": zmq.SUB, "req": zmq.REQ,
+    "rep": zmq.REP, "dealer": zmq.DEALER, "router": zmq.ROUTER, "pair": zmq.PAIR,
+}
+SENDING = {"push", "pub", "dealer", "req", "pair", "router"}
+CLOSE_LINGER_MS = 30_000  # a finished sender waits this long at most for its queue to drain
+ABORT_LINGER_MS = 0
+
+
+@dataclass
+class Link:
+    """An opened socket and, for the connecting side, the peers it follows."""
+
+    name: str
+    spec: SocketSpec
+    socket: zmq.Socket
+    follower: Follower | None = None
+    connected: set[str] = field(default_factory=set)
+
+    def refresh(self) -> bool:
+        """Connect to replicas that appeared, disconnect from ones that went; True if anything changed."""
+        if self.follower is None:
+            return False
+        appeared, gone = self.follower.changes()
+        # Only senders let go of a peer that left: a receiver that disconnected would drop what
+        # that peer already sent and we have not read yet, and reconnect attempts cost nothing.
+        for ep in gone if self.spec.pattern in SENDING else ():
+            if ep.address in self.connected:
+                self.socket.disconnect(ep.address)
+                self.connected.discard(ep.address)
+        for ep in appeared:
+            if ep.address not in self.connected:
+                self.socket.connect(ep.address)
+                self.connected.add(ep.address)
+        return bool(appeared or gone)
+
+
+class NodeRuntime:
+    def __init__(self, topology: Topology, node: str, replica: int, host: str, registry_address: str,
+                 *, output_dir: str = ".", resolve_timeout: float = 30.0):
+        self.topology, self.name, self.replica, self.host = topology, node, replica, host
+        self.spec: NodeSpec = topology.nodes[node]
+        self.host_spec = topology.hosts[host]
+        self.registry_address = registry_address
+        self.output_dir = output_dir
+        self.resolve_timeout = resolve_timeout
+        self.stop = threading.Event()
+        self.ctx = zmq.Context()
+        self.kv = KVClient(registry_address, name=f"{node}[{replica}]").start()
+        self.registry = Registry(self.kv)
+        self.links: dict[str, Link] = {}
+        self._published: list[Endpoint] = []
+
+    # -- sockets -----------------------------------------------------------------------------
+    def open(self, sname: str) -> Link:
+        """Open the node's socket `sname` as the topology declares it (call from the thread that uses it)."""
+        spec = self.spec.sockets[sname]
+        sock = self.ctx.socket(SOCKET_TYPES[spec.pattern])
+        sock.setsockopt(zmq.LINGER, ABORT_LINGER_MS)
+        sock.setsockopt(zmq.SNDHWM, spec.hwm)
+        sock.setsockopt(zmq.RCVHWM, spec.hwm)
+        if spec.pattern in ("push", "dealer", "req", "pair"):
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue to a peer that is not connected
+        if spec.pattern == "sub":
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        link = Link(sname, spec, sock)
+        if spec.binds:
+            sock.bind(self._bind_address(sname, spec))
+            bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            ep = Endpoint(self.name, self.replica, sname, reachable(bound, self.host_spec.address),
+                          host=self.host, pid=os.getpid())
+            self.registry.publish(ep)
+            self._published.append(ep)
+            log.debug("%s[%d].%s bound at %s", self.name, self.replica, sname, ep.address)
+        else:
+            peer_node, _, peer_sock = spec.connect.partition(".")
+            self.registry.resolve(peer_node, peer_sock, timeout=self.resolve_timeout)
+            link.follower = self.registry.follow(peer_node, peer_sock)
+            link.refresh()
+        self.links[sname] = link
+        return link
+
+    def _bind_address(self, sname: str, spec: SocketSpec) -> str:
+        if spec.transport == "ipc":
+            return f"ipc://{self.output_dir}/{self.name}-{self.replica}-{sname}.sock"
+        iface = self.host_spec.bind or self.host_spec.address
+        return f"tcp://{iface}:{spec.port or 0}"
+
+    def inputs(self, patterns=("pull", "sub")) -> list[str]:
+        return [n for n, s in self.spec.sockets.items() if s.pattern in patterns]
+
+    def outputs(self, patterns=("push", "pub")) -> list[str]:
+        return [n for n, s in self.spec.sockets.items() if s.pattern in patterns]
+
+    def refresh(self) -> None:
+        for link in self.links.values():
+            link.refresh()
+
+    # -- state in the key-value store --------------------------------------------------------
+    def key(self, prefix: str, *rest) -> str:
+        return "/".join([prefix, self.name, str(self.replica), *map(str, rest)])
+
+    def close(self, *, drain: bool) -> None:
+        """Close sockets; when draining, wait (bounded) for queued messages to reach their peers."""
+        # Sockets first, registrations after: peers that see us leave disconnect, and anything
+        # still queued to them would be lost if they did so before it was delivered.
+        linger = CLOSE_LINGER_MS if drain else ABORT_LINGER_MS
+        for link in self.links.values():
+            link.socket.close(linger=linger)
+        self.ctx.term()  # returns once queued messages are delivered or the linger ran out
+        for ep in self._published:
+            try:
+                self.registry.withdraw(ep)
+            except Exception:  # the registry may already be gone; its TTL cleans up
+                pass
+        self.kv.close()
+
+
+def wait_until(predicate, timeout: float, stop: threading.Event, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if stop.is_set() or time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
