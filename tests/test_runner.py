@@ -42,8 +42,8 @@ def test_hello_runs_through_registry_resolved_sockets():
     assert res.returncode == 0, res.stderr
     summary = res.stdout.strip().splitlines()[-1]
     assert summary.startswith("hello: done in")
-    assert "source sent 1,000 msgs" in summary and "sink received 1,000 msgs" in summary
-    assert "checksum_errors 0" in summary
+    assert "source 1,000 msgs (0.02 GB)" in summary, summary
+    assert "sink 1,000 msgs (0.02 GB, rejected 0, checksum_errors 0)" in summary, summary
     assert not leftovers(str(ROOT / "topologies" / "hello.yaml"))
 
 
@@ -80,8 +80,8 @@ def test_replicas_threads_and_a_relay_lose_nothing(topo):
     assert res.returncode == 0, res.stderr
     line = res.stdout.strip().splitlines()[-1]
     # 2 replicas x 2 scans x 600 messages, all checked by the sink's checksums.
-    assert "source sent 2,400 msgs" in line and "relay sent 2,400, received 2,400" in line
-    assert "sink received 2,400 msgs" in line and "checksum_errors 0" in line, line
+    assert "source 2,400 msgs" in line and "relay 2,400 msgs (0.05 GB, rejected 0, sent 2,400)" in line, line
+    assert "sink 2,400 msgs (0.05 GB, rejected 0, checksum_errors 0)" in line, line
     assert not leftovers(str(f))
 
 

@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from pydantic import Field
 
-from zpipe.plugin import Context, Message, Params, Scan, Source, Stage
+from zpipe.plugin import Analysis, Batch, Context, Message, Params, Scan, Source, Stage
 
 
 class CounterSource(Source):
@@ -68,3 +69,21 @@ class Relay(Stage):
 
     def process(self, batch: Sequence[Message]) -> Sequence[Message]:
         return batch
+
+
+class Discard(Analysis):
+    """Counts items and does nothing else: the no-op stage benchmarks measure transport with."""
+
+    class Params(Params):
+        delay: float = Field(0.0, ge=0, description="seconds to sleep per item: a deliberately slow stage")
+
+    def begin(self, scan: Scan) -> None:
+        self.items = 0
+
+    def process(self, batch: Batch) -> None:
+        self.items += len(batch)
+        if self.params.delay:
+            time.sleep(self.params.delay * len(batch))
+
+    def finish(self, scan: Scan) -> dict:
+        return {"items": self.items}

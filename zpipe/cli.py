@@ -40,6 +40,28 @@ def cmd_run(args) -> int:
         return 2
 
 
+def cmd_replay(args) -> int:
+    import os
+
+    from zpipe.replay import ReplayError, replay_topology, write_topology
+    from zpipe.topology.load import check_file
+
+    topo, problems = check_file(args.topology)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1
+    from zpipe.runner import Runner, RunError
+
+    try:
+        replay = replay_topology(topo, args.directory, args.scan)
+        path = write_topology(replay, os.path.join(args.output_dir, f"{replay.name}.yaml"))
+        return Runner(replay, path, host=args.host, registry=args.registry, output_dir=args.output_dir).run()
+    except (ReplayError, RunError, LookupError) as exc:
+        print(f"zpipe replay: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_plugins(args) -> int:
     import json
 
@@ -59,7 +81,7 @@ def cmd_plugins(args) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['name']:<16} {r['kind']:<7} {r['distribution']:<24} {r['object']}")
+            print(f"{r['name']:<16} {r['kind']:<8} {r['distribution']:<24} {r['object']}")
             if r["error"]:
                 print(f"    BROKEN: {r['error']}")
             for pname, p in r["params"].items():
@@ -94,6 +116,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="address of a running registry (default: start one if this host owns it)")
     p.add_argument("--output-dir", default=".", help="where nodes write their files")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="stream disk-fallback files through a topology's pipeline")
+    p.add_argument("directory", help="where the fallback files are")
+    p.add_argument("--topology", default="topologies/4dcamera-local.yaml")
+    p.add_argument("--scan", type=int, action="append", help="scan number to replay (repeatable; default: all)")
+    p.add_argument("--host")
+    p.add_argument("--registry")
+    p.add_argument("--output-dir", default=".")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("plugins", help="list installed plugins, their kind, distribution and parameters")
     p.add_argument("--json", action="store_true")

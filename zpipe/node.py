@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             make_plugin = None
         totals = role.load()(rt, make_plugin)
+        rt.kv.set(rt.key("totals"), totals)  # outlives the process, for the runner's summary
         rt.kv.set(status_key, {"role": spec.role, "host": args.host, "pid": os.getpid(), "state": "done",
                                "totals": totals}, ttl=3.0)
         drain = True

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Context", "Message", "Params", "Plugin", "Scan", "Source", "Stage"]
+__all__ = ["Analysis", "Batch", "Context", "Message", "Params", "Plugin", "Recorder", "Scan", "Source", "Stage"]
 
 
 class Params(BaseModel):
@@ -75,10 +76,21 @@ class Plugin(Generic[P]):
         """Once per process/thread, before any data."""
 
 
+class Recorder(Protocol):
+    """Where a producer puts a scan's messages when nobody is there to receive them."""
+
+    def write(self, msg: Message) -> None: ...
+
+    def close(self) -> dict[str, Any]:
+        """Make the files final (atomically) and return their manifest."""
+        ...
+
+
 class Source(Plugin[P]):
     """Makes the messages a producer sends: a sequence of scans, each split across sending threads."""
 
     kind = "source"
+    replay_plugin: ClassVar[str | None] = None  # the source that reads what `recorder` wrote, for `zpipe replay`
 
     def scans(self) -> Iterator[Scan]:
         raise NotImplementedError
@@ -86,6 +98,22 @@ class Source(Plugin[P]):
     def messages(self, scan: Scan, thread: int, threads: int) -> Iterable[Message]:
         """The messages thread `thread` of `threads` sends for `scan`; threads together send each once."""
         raise NotImplementedError
+
+    def plan(self, scan: Scan, thread: int, threads: int) -> Iterable[dict[str, Any]]:
+        """The headers `messages` will yield, in order, before any payload exists.
+
+        Producers count from it how many messages each node group will get. The default
+        makes the messages and drops the payloads; override it when headers are cheap.
+        """
+        return (m.header for m in self.messages(scan, thread, threads))
+
+    def recorder(self, scan: Scan, directory: str) -> Recorder | None:
+        """A writer for this thread's share of `scan` when it goes to disk; None: no disk fallback."""
+        return None
+
+    def finish_recording(self, scan: Scan, directory: str, manifests: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Once every thread of every replica has closed its recorder: write what ties the files together."""
+        return None
 
 
 class Stage(Plugin[P]):
@@ -104,4 +132,43 @@ class Stage(Plugin[P]):
         return None
 
 
-KINDS = {"source": Source, "stage": Stage}
+@dataclass
+class Batch:
+    """Assembled items of one scan, stacked: `data[i]` is the item whose header is `headers[i]`.
+
+    Each header carries the first part's fields plus `complete` (all parts arrived) and
+    `missing` (the part numbers that did not, zero-filled in `data`).
+    """
+
+    scan: Scan
+    data: np.ndarray
+    headers: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+    @property
+    def complete(self) -> np.ndarray:
+        return np.fromiter((h["complete"] for h in self.headers), bool, len(self.headers))
+
+
+class Analysis(Plugin[P]):
+    """Runs in a node group's workers on batches of assembled items (frames), scan by scan.
+
+    One instance per worker thread: state kept on `self` is per worker; `finish` returns
+    what this worker found, and the node group adds the figures up.
+    """
+
+    kind = "analysis"
+
+    def begin(self, scan: Scan) -> None:
+        """Before the first batch of a scan."""
+
+    def process(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def finish(self, scan: Scan) -> dict[str, Any] | None:
+        return None
+
+
+KINDS = {"source": Source, "stage": Stage, "analysis": Analysis}

@@ -123,12 +123,15 @@ class Runner:
         t0 = time.monotonic()
         code = 1
         try:
+            os.makedirs(self.output_dir, exist_ok=True)
             registry = self._registry()
             self.kv = KVClient(registry, name="runner").start()
             print(f"zpipe: {self.topology.name} on host {self.host}, registry at {registry}", file=self.err, flush=True)
             self._spawn(registry)
             code = self._supervise()
             if code == 0:
+                for line in self.scan_lines():
+                    print(line, file=self.out, flush=True)
                 print(self.summary(time.monotonic() - t0), file=self.out, flush=True)
             return code
         finally:
@@ -161,28 +164,37 @@ class Runner:
                 return 0
             time.sleep(0.05)
 
+    def scan_lines(self) -> list[str]:
+        """Each scan's account, as the node groups (or the disk fallback) closed it."""
+        lines = []
+        records = {k: v for k, v in self.kv.items("scans/").items() if k.count("/") == 1}
+        for key in sorted(records, key=lambda k: int(k.split("/")[1])):
+            rec = records[key]
+            if rec.get("summary"):
+                lines.append(f"{rec['summary']}; report {rec.get('report_file', '?')}")
+            elif rec.get("fallback"):
+                fb = rec["fallback"]
+                lines.append(f"scan {rec['scan']}: no node group; written to disk as {fb.get('files', '?')} files "
+                             f"in {fb.get('directory')} (manifest {fb.get('manifest', '?')})")
+            else:
+                lines.append(f"scan {rec.get('scan')}: {rec.get('status', '?')}")
+        return lines
+
     def summary(self, seconds: float) -> str:
-        """One line: what each node sent and received, and anything a plugin reported."""
+        """One line: what each node on this host moved, and anything else it counted."""
         parts = []
         for name, node in self.topology.nodes.items():
             if node.host != self.host:
                 continue
-            sent = received = nbytes = 0
-            extra: dict[str, int] = {}
+            figures: dict[str, int] = {}
             for i in range(node.replicas):
-                for key, rec in self.kv.items(f"flow/{name}/{i}/").items():
-                    if key.endswith("/end") or not rec.get("done"):
-                        continue
-                    sent += max(rec.get("sent", {}).values(), default=0)
-                    received += rec.get("received", 0)
-                    nbytes += rec.get("bytes", 0)
-                for rec in self.kv.items(f"results/{name}/{i}/").values():
-                    for k, v in rec.items():
-                        if k not in ("received", "bytes", "seconds", "messages") and isinstance(v, int):
-                            extra[k] = extra.get(k, 0) + v
-            what = ", ".join(f"{verb} {n:,}" for verb, n in (("sent", sent), ("received", received)) if n)
-            more = "".join(f", {k} {v:,}" for k, v in extra.items())
-            parts.append(f"{name} {what or 'no'} msgs ({nbytes / 1e6:.1f} MB{more})")
+                for k, v in (self.kv.get(f"totals/{name}/{i}") or {}).items():
+                    if isinstance(v, int) and not isinstance(v, bool):
+                        figures[k] = figures.get(k, 0) + v
+            msgs, nbytes = figures.pop("messages", 0), figures.pop("bytes", 0)
+            figures.pop("scans", None)
+            more = "".join(f", {k} {v:,}" for k, v in figures.items())
+            parts.append(f"{name} {msgs:,} msgs ({nbytes / 1e9:.2f} GB{more})")
         return f"{self.topology.name}: done in {seconds:.2f} s; " + "; ".join(parts)
 
 

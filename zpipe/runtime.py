@@ -25,7 +25,6 @@ SOCKET_TYPES = {
     "push": zmq.PUSH, "pull": zmq.PULL, "pub": zmq.PUB, "sub": zmq.SUB, "req": zmq.REQ,
     "rep": zmq.REP, "dealer": zmq.DEALER, "router": zmq.ROUTER, "pair": zmq.PAIR,
 }
-SENDING = {"push", "pub", "dealer", "req", "pair", "router"}
 CLOSE_LINGER_MS = 30_000  # a finished sender waits this long at most for its queue to drain
 ABORT_LINGER_MS = 0
 
@@ -41,21 +40,18 @@ class Link:
     connected: set[str] = field(default_factory=set)
 
     def refresh(self) -> bool:
-        """Connect to replicas that appeared, disconnect from ones that went; True if anything changed."""
+        """Connect to replicas that appeared; True if any did."""
         if self.follower is None:
             return False
-        appeared, gone = self.follower.changes()
-        # Only senders let go of a peer that left: a receiver that disconnected would drop what
-        # that peer already sent and we have not read yet, and reconnect attempts cost nothing.
-        for ep in gone if self.spec.pattern in SENDING else ():
-            if ep.address in self.connected:
-                self.socket.disconnect(ep.address)
-                self.connected.discard(ep.address)
+        # Peers that leave are never disconnected: a registry resync can report one gone and
+        # back, a disconnect would drop what is queued to or from it, and with ZMQ_IMMEDIATE
+        # nothing new queues to a dead peer. Reconnect attempts to a dead address cost nothing.
+        appeared, _gone = self.follower.changes()
         for ep in appeared:
             if ep.address not in self.connected:
                 self.socket.connect(ep.address)
                 self.connected.add(ep.address)
-        return bool(appeared or gone)
+        return bool(appeared)
 
 
 class NodeRuntime:
@@ -73,19 +69,14 @@ class NodeRuntime:
         self.registry = Registry(self.kv)
         self.links: dict[str, Link] = {}
         self._published: list[Endpoint] = []
+        self._lock = threading.Lock()
+        self._sockets: list[zmq.Socket] = []
 
     # -- sockets -----------------------------------------------------------------------------
     def open(self, sname: str) -> Link:
         """Open the node's socket `sname` as the topology declares it (call from the thread that uses it)."""
         spec = self.spec.sockets[sname]
-        sock = self.ctx.socket(SOCKET_TYPES[spec.pattern])
-        sock.setsockopt(zmq.LINGER, ABORT_LINGER_MS)
-        sock.setsockopt(zmq.SNDHWM, spec.hwm)
-        sock.setsockopt(zmq.RCVHWM, spec.hwm)
-        if spec.pattern in ("push", "dealer", "req", "pair"):
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue to a peer that is not connected
-        if spec.pattern == "sub":
-            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock = self._new_socket(spec)
         link = Link(sname, spec, sock)
         if spec.binds:
             sock.bind(self._bind_address(sname, spec))
@@ -102,6 +93,46 @@ class NodeRuntime:
             link.refresh()
         self.links[sname] = link
         return link
+
+    def bind_per_thread(self, sname: str, thread: int) -> zmq.Socket:
+        """Bind thread `thread`'s own copy of socket `sname`, registered as `sname@thread`.
+
+        Roles whose threads each talk to one upstream thread (aggregator, node group) use it;
+        the socket belongs to the calling thread and is closed by it.
+        """
+        spec = self.spec.sockets[sname]
+        sock = self._new_socket(spec)
+        name = f"{sname}@{thread}"
+        sock.bind(self._bind_address(name, spec.model_copy(update={"port": None})))
+        ep = Endpoint(self.name, self.replica, name,
+                      reachable(sock.getsockopt_string(zmq.LAST_ENDPOINT), self.host_spec.address),
+                      host=self.host, pid=os.getpid())
+        self.registry.publish(ep)
+        with self._lock:
+            self._published.append(ep)
+        return sock
+
+    def connect_to(self, sname: str, peer_node: str, peer_socket: str, replica: int = 0) -> zmq.Socket:
+        """A new socket of this node's `sname` kind, connected to one replica of `peer_node.peer_socket`."""
+        sock = self._new_socket(self.spec.sockets[sname])
+        ep = self.registry.resolve(peer_node, peer_socket, replicas=replica + 1, timeout=self.resolve_timeout)
+        sock.connect(ep[replica].address)
+        return sock
+
+    def _new_socket(self, spec: SocketSpec) -> zmq.Socket:
+        sock = self.ctx.socket(SOCKET_TYPES[spec.pattern])
+        # Bounded, not zero: a socket closed by garbage collection still delivers what is
+        # queued. An abort closes everything with linger 0 (see close()).
+        sock.setsockopt(zmq.LINGER, CLOSE_LINGER_MS)
+        with self._lock:
+            self._sockets.append(sock)  # live until close(), whoever made it
+        sock.setsockopt(zmq.SNDHWM, spec.hwm)
+        sock.setsockopt(zmq.RCVHWM, spec.hwm)
+        if spec.pattern in ("push", "dealer", "req", "pair"):
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue to a peer that is not connected
+        if spec.pattern == "sub":
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        return sock
 
     def _bind_address(self, sname: str, spec: SocketSpec) -> str:
         if spec.transport == "ipc":
@@ -128,9 +159,9 @@ class NodeRuntime:
         # Sockets first, registrations after: peers that see us leave disconnect, and anything
         # still queued to them would be lost if they did so before it was delivered.
         linger = CLOSE_LINGER_MS if drain else ABORT_LINGER_MS
-        for link in self.links.values():
-            link.socket.close(linger=linger)
-        self.ctx.term()  # returns once queued messages are delivered or the linger ran out
+        # destroy() closes every socket of this context, those threads made included, then
+        # returns once queued messages are delivered or the linger ran out.
+        self.ctx.destroy(linger=linger)
         for ep in self._published:
             try:
                 self.registry.withdraw(ep)

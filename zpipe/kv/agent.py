@@ -70,6 +70,7 @@ class Agent:
         self.attempt = 0
         self.last_heard = 0.0
         self.heartbeat_timeout = client.heartbeat_timeout
+        self.started = time.monotonic()
 
     # -- main loop -------------------------------------------------------------
 
@@ -176,7 +177,10 @@ class Agent:
         self.request(p.HELLO, b"", self.HELLO_TIMEOUT)
 
     def resync(self, why: str) -> None:
-        log.info("KV client %s re-synchronising: %s", self.c.name, why)
+        # Right after joining, a gap is the expected race between the snapshot and a SUB
+        # connection still being made (ZeroMQ guide, Clone): not worth a user's attention.
+        level = logging.DEBUG if time.monotonic() - self.started < 5.0 else logging.INFO
+        log.log(level, "KV client %s re-synchronising: %s", self.c.name, why)
         self.c.resyncs += 1
         self.attempt = 0
         self.hello()

@@ -127,9 +127,15 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
             totals["messages"] += st.received
             totals["bytes"] += st.bytes
             totals["scans"] += 1
+            if out_names:
+                totals["sent"] = totals.get("sent", 0) + max(st.sent.values(), default=0)
+            for k, v in result.items():  # what the plugin counted, added up over scans
+                if isinstance(v, int) and not isinstance(v, bool) and k not in totals:
+                    totals.setdefault(f"_{k}", 0)
+                    totals[f"_{k}"] += v
         if not open_scans and flow.ended(rt.kv, ups):
             flow.publish(rt.kv, rt.name, rt.replica, "end", done=True)
-            return totals
+            return {k.lstrip("_"): v for k, v in totals.items()}
         if not got:
             poller.poll(20)
     raise InterruptedError("stopped")

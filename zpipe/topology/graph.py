@@ -47,6 +47,21 @@ def _check_role_and_plugin(report: "Report", base, node: NodeSpec) -> None:
         report.add((*base, "sockets") if node.sockets else base,
                    f"role {role.name!r} needs an output socket ({' or '.join(sorted(role.outputs))})")
 
+    for fld in sorted(role.requires):
+        if getattr(node, fld) is None:
+            report.add(base, f"role {role.name!r} needs `{fld}`", at_key=True)
+    for fld in ("route", "assemble", "fallback"):
+        if getattr(node, fld) is not None and fld not in role.requires and not (
+                fld in ("route", "fallback") and role.name == "producer"):
+            report.add((*base, fld), f"role {role.name!r} has no use for `{fld}`")
+    if role.analyses:
+        if not node.analyses:
+            report.add(base, f"role {role.name!r} needs at least one entry in `analyses`", at_key=True)
+        for i, a in enumerate(node.analyses):
+            _check_plugin(report, (*base, "analyses", i), a.plugin, a.params, "analysis", role.name)
+    elif node.analyses:
+        report.add((*base, "analyses"), f"role {role.name!r} runs no analyses")
+
     if role.plugin_kind is None:
         if node.plugin:
             report.add((*base, "plugin"), f"role {role.name!r} takes no plugin")
@@ -54,20 +69,23 @@ def _check_role_and_plugin(report: "Report", base, node: NodeSpec) -> None:
     if not node.plugin:
         report.add(base, f"role {role.name!r} needs a `plugin` of kind {role.plugin_kind!r}", at_key=True)
         return
-    info = catalog.catalog().get(node.plugin)
+    _check_plugin(report, base, node.plugin, node.params, role.plugin_kind, role.name)
+
+
+def _check_plugin(report: "Report", base, name: str, params: dict, kind: str, role: str) -> None:
+    info = catalog.catalog().get(name)
     if info is None:
         installed = ", ".join(f"{n} ({i.kind})" for n, i in catalog.catalog().items() if i.ok)
-        report.add((*base, "plugin"), f"unknown plugin {node.plugin!r}; installed: {installed or 'none'}")
+        report.add((*base, "plugin"), f"unknown plugin {name!r}; installed: {installed or 'none'}")
         return
     if not info.ok:
-        report.add((*base, "plugin"), f"plugin {node.plugin!r} from {info.distribution} cannot be used: {info.error}")
+        report.add((*base, "plugin"), f"plugin {name!r} from {info.distribution} cannot be used: {info.error}")
         return
-    if info.kind != role.plugin_kind:
-        report.add((*base, "plugin"),
-                   f"plugin {node.plugin!r} is a {info.kind}; role {role.name!r} runs a {role.plugin_kind}")
+    if info.kind != kind:
+        report.add((*base, "plugin"), f"plugin {name!r} is a {info.kind}; role {role!r} runs a {kind}")
         return
     try:
-        info.cls.Params.model_validate(node.params)
+        info.cls.Params.model_validate(params)
     except ValidationError as err:
         report.pydantic((*base, "params"), err, info.cls.Params)
 

@@ -6,7 +6,7 @@ import os
 from pydantic import BaseModel, ValidationError
 
 from zpipe.topology.errors import Problem, TopologyError
-from zpipe.topology.model import HostSpec, NodeSpec, RegistrySpec, SocketSpec, Topology
+from zpipe.topology.model import AnalysisSpec, AssembleSpec, HostSpec, NodeSpec, RegistrySpec, SocketSpec, Topology
 from zpipe.topology.yamlpos import Parsed, Path, YAMLSyntaxError, parse
 
 
@@ -42,6 +42,7 @@ def _fields_at(model: type[BaseModel], loc: Path) -> list[str]:
     nested = {
         (Topology, "nodes"): NodeSpec, (Topology, "hosts"): HostSpec,
         (Topology, "registry"): RegistrySpec, (NodeSpec, "sockets"): SocketSpec,
+        (NodeSpec, "assemble"): AssembleSpec, (NodeSpec, "analyses"): AnalysisSpec,
     }
     current, skip = model, False
     for part in loc:
@@ -51,7 +52,7 @@ def _fields_at(model: type[BaseModel], loc: Path) -> list[str]:
         nxt = nested.get((current, part))
         if nxt is None:
             return []
-        skip = part in ("nodes", "hosts", "sockets")  # the next part is a name
+        skip = part in ("nodes", "hosts", "sockets", "analyses")  # the next part is a name or index
         current = nxt
     return list(current.model_fields)
 

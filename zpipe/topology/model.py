@@ -56,12 +56,41 @@ class SocketSpec(Strict):
         return self.connect is None
 
 
+class AnalysisSpec(Strict):
+    """One analysis a node group runs on every assembled item (several may share one stream)."""
+
+    plugin: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AssembleSpec(Strict):
+    """How a node group puts items back together from parts (a frame from its sectors)."""
+
+    key: str = Field(description="header field that identifies an item, e.g. frame_number")
+    part: str = Field(description="header field numbering the part, 0..parts-1, e.g. module")
+    parts: int = Field(ge=1, description="parts per item")
+    shape: tuple[int, ...] = Field(description="shape of one part's payload, e.g. [144, 576]")
+    dtype: str = Field("uint16", description="numpy dtype of the payload (little-endian)")
+
+
 class NodeSpec(Strict):
     """A node of the graph: `replicas` processes of one role, each with `threads` worker threads."""
 
     role: str
     plugin: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    route: str | None = Field(None, description="header field whose value modulo the number of "
+                              "downstream replicas picks the one a message goes to")
+    assemble: AssembleSpec | None = None
+    analyses: list[AnalysisSpec] = Field(default_factory=list)
+    workers: int = Field(1, ge=1, le=256, description="node group: threads that assemble and analyse")
+    batch: int = Field(16, ge=1, le=4096, description="node group: items per batch handed to analyses")
+    scan_timeout: float = Field(10.0, gt=0, description="seconds of silence after which a scan is "
+                                "finished with what arrived")
+    fallback: str | None = Field(None, description="producer: directory for a scan's data when no "
+                                 "node group is registered; default: no fallback, wait")
+    fallback_wait: float = Field(5.0, ge=0, description="producer: seconds a scan waits for a node group "
+                                 "to register before it goes to `fallback`")
     host: Name = "localhost"
     replicas: int = Field(1, ge=1, le=4096)
     threads: int = Field(1, ge=1, le=1024)
@@ -90,7 +119,7 @@ class RegistrySpec(Strict):
 
 
 class Topology(Strict):
-    name: Name
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
     description: str = ""
     registry: RegistrySpec = RegistrySpec()
     hosts: dict[Name, HostSpec] = Field(default_factory=lambda: {"localhost": HostSpec()})

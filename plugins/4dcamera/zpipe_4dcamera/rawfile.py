@@ -209,7 +209,15 @@ def write_manifest(directory: Path | str, scan_number: int, scan_shape: tuple[in
     """Atomically write the scan's manifest from the modules' close() summaries."""
     ranges = [m["frame_numbers"] for m in modules if m["frame_numbers"]]
     lost = sorted([frame, m["module"]] for m in modules for frame in m["lost_frames"])
-    missing = sorted([pos, m["module"]] for m in modules for pos in m["missing_positions"])
+    # A module may be written by several writers (one per producer thread, told apart by dst):
+    # its records add up, and a position is missing only if no writer of the module saw it.
+    records: dict[str, int] = {}
+    missing_by_module: dict[int, set[int]] = {}
+    for m in modules:
+        records[str(m["module"])] = records.get(str(m["module"]), 0) + m["records"]
+        mine = set(m["missing_positions"])
+        missing_by_module[m["module"]] = missing_by_module.get(m["module"], mine) & mine
+    missing = sorted([pos, k] for k, positions in missing_by_module.items() for pos in positions)
     present = {m["module"] for m in modules}
     manifest = {
         "format": "stempy-sectors-v5",
@@ -217,14 +225,14 @@ def write_manifest(directory: Path | str, scan_number: int, scan_shape: tuple[in
         "scan_width": scan_shape[0],
         "scan_height": scan_shape[1],
         "frame_numbers": [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None,
-        "records": {str(m["module"]): m["records"] for m in modules},
+        "records": dict(sorted(records.items())),
         # Numeric order (module, dst, file index), the order scan_files() returns.
         "files": [f for m in sorted(modules, key=lambda m: (m["module"], m["dst"])) for f in m["files"]],
         # lost: sectors the producer knew it dropped, as [frame_number, module];
         # missing: scan positions a module has no record for, as [position, module].
         "lost": lost,
         "missing": missing,
-        "complete": not lost and not missing and present == set(range(SECTORS)) and all(m["records"] for m in modules),
+        "complete": not lost and not missing and present == set(range(SECTORS)) and all(records.values()),
     }
     path = manifest_path(directory, scan_number)
     # One key per line, each value compact: readable, and short even with thousands of lost sectors.

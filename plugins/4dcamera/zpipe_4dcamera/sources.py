@@ -1,0 +1,177 @@
+"""4D-Camera sources: the simulated camera, and replay of stempy version-5 sector files."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from pydantic import Field
+
+from zpipe.plugin import Context, Message, Params, Scan, Source
+
+from . import SECTOR_SHAPE, SECTORS
+from .rawfile import SectorFileWriter, read_manifest, read_sectors, scan_files, write_manifest
+from .simulate import SimulatedCamera
+
+
+def _my_sectors(ctx: Context, chosen: list[int] | None) -> list[int]:
+    """Four replicas: one receiving server (sector) each, as at NCEM; otherwise each sends all four."""
+    if chosen is not None:
+        return chosen
+    return [ctx.replica] if ctx.replicas == SECTORS else list(range(SECTORS))
+
+
+class CameraSource(Source):
+    """A simulated 4D Camera scan, sector by sector, reproducible bit for bit from its seed."""
+
+    replay_plugin = "4dcamera-raw"
+
+    class Params(Params):
+        scan_shape: tuple[int, int] = Field((32, 32), description="scan positions (width, height)")
+        scans: int = Field(1, ge=1)
+        first_scan: int = Field(1, ge=0, description="scan number of the first scan")
+        first_frame: int = Field(1000, ge=0, description="frame number of a scan's first frame")
+        electrons_per_frame: float = Field(40.0, ge=0)
+        xray_probability: float = Field(0.01, ge=0, le=1)
+        loss: float = Field(0.0, ge=0, le=1, description="probability that a sector is lost upstream")
+        seed: int = Field(0, ge=0)
+        rate: float | None = Field(None, gt=0, description="frames per second; default: as fast as possible")
+        sectors: list[int] | None = Field(None, description="sectors this replica sends; default: its own "
+                                          "when there are 4 replicas, else all")
+        max_file_bytes: int | None = Field(None, description="disk fallback: roll over to a new file at this size")
+        payload: Literal["simulated", "constant"] = Field(
+            "simulated", description="constant: one prepared sector sent over and over, to measure transport alone")
+
+    def setup(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.sectors = _my_sectors(ctx, self.params.sectors)
+        self._cameras: dict[int, SimulatedCamera] = {}
+
+    def camera(self, scan: Scan) -> SimulatedCamera:
+        cam = self._cameras.get(scan.id)
+        if cam is None:
+            p = self.params
+            self._cameras = {scan.id: SimulatedCamera(
+                scan_shape=p.scan_shape, electrons_per_frame=p.electrons_per_frame,
+                xray_probability=p.xray_probability, seed=p.seed + scan.id, first_frame=p.first_frame,
+                scan_number=scan.id, loss=p.loss)}
+            cam = self._cameras[scan.id]
+        return cam
+
+    def scans(self) -> Iterator[Scan]:
+        p = self.params
+        n = p.scan_shape[0] * p.scan_shape[1]
+        for i in range(p.scans):
+            yield Scan(p.first_scan + i, {"scan_shape": list(p.scan_shape), "keys": [p.first_frame, n],
+                                          "frames": n, "sectors": SECTORS, "seed": p.seed + p.first_scan + i})
+
+    def _frames(self, scan: Scan, thread: int, threads: int) -> range:
+        return range(thread, self.camera(scan).n_frames, threads)
+
+    def plan(self, scan: Scan, thread: int, threads: int) -> Iterator[dict]:
+        cam = self.camera(scan)
+        for i in self._frames(scan, thread, threads):
+            for k in self.sectors:
+                if not cam.lost(i, k):
+                    yield {**cam.header(i, k), "scan": scan.id}
+
+    def messages(self, scan: Scan, thread: int, threads: int) -> Iterator[Message]:
+        cam = self.camera(scan)
+        frames = self._frames(scan, thread, threads)
+        constant = None
+        if self.params.payload == "constant":
+            constant = np.full(SECTOR_SHAPE, 20, dtype=np.uint16)
+        per_thread_rate = self.params.rate / threads if self.params.rate else None
+        t0 = time.perf_counter()
+        for n, i in enumerate(frames):
+            if per_thread_rate and n % 16 == 0:
+                delay = t0 + n / per_thread_rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            for k in self.sectors:
+                if not cam.lost(i, k):
+                    pixels = constant if constant is not None else cam.sector(i, k)
+                    yield Message({**cam.header(i, k), "scan": scan.id}, pixels)
+
+    def recorder(self, scan: Scan, directory: str) -> "SectorRecorder":
+        return SectorRecorder(self, scan, directory)
+
+    def finish_recording(self, scan: Scan, directory: str, manifests: list) -> dict:
+        modules = [m for per_thread in manifests for m in per_thread["modules"]]
+        path = write_manifest(directory, scan.id, tuple(self.params.scan_shape), modules)
+        return {"manifest": str(path), "files": sum(len(m["files"]) for m in modules)}
+
+
+class SectorRecorder:
+    """One producer thread's share of a scan as version-5 files: a writer per sector, dst = thread."""
+
+    def __init__(self, source: CameraSource, scan: Scan, directory: str):
+        self.source, self.scan = source, scan
+        shape = tuple(source.params.scan_shape)
+        self.writers = {k: SectorFileWriter(directory, scan.id, k, dst=source.ctx.thread, scan_shape=shape,
+                                            max_bytes=source.params.max_file_bytes) for k in source.sectors}
+
+    def write(self, msg: Message) -> None:
+        self.writers[int(msg.header["module"])].write(msg.header, msg.payload)
+
+    def close(self) -> dict:
+        cam = self.source.camera(self.scan)
+        for i in self.source._frames(self.scan, self.source.ctx.thread, self.source.ctx.threads):
+            for k, w in self.writers.items():
+                if cam.lost(i, k):
+                    w.mark_lost(cam.frame_number(i))
+        return {"modules": [w.close() for w in self.writers.values()]}
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
+class RawFileSource(Source):
+    """Replays stempy version-5 sector files (the disk fallback's, or a receiver's) through a pipeline."""
+
+    class Params(Params):
+        directory: str = Field(description="where the scan's data_scan*_module*.data files are")
+        scans: list[int] | None = Field(None, description="scan numbers to replay; default: every scan there")
+        sectors: list[int] | None = None
+
+    def setup(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.sectors = _my_sectors(ctx, self.params.sectors)
+
+    def _scan_numbers(self) -> list[int]:
+        if self.params.scans is not None:
+            return list(self.params.scans)
+        found = {int(p.name[len("data_scan"):len("data_scan") + 10])
+                 for p in Path(self.params.directory).glob("data_scan*_module*.data")}
+        if not found:
+            raise FileNotFoundError(f"no data_scan*_module*.data files in {self.params.directory}")
+        return sorted(found)
+
+    def scans(self) -> Iterator[Scan]:
+        for number in self._scan_numbers():
+            meta: dict = {"sectors": SECTORS, "replayed_from": self.params.directory}
+            try:
+                manifest = read_manifest(self.params.directory, number)
+                meta["scan_shape"] = [manifest["scan_width"], manifest["scan_height"]]
+                meta["frames"] = manifest["scan_width"] * manifest["scan_height"]
+            except FileNotFoundError:
+                pass
+            yield Scan(number, meta)
+
+    def _files(self, scan: Scan, thread: int, threads: int) -> list[Path]:
+        files = [f for f in scan_files(self.params.directory, scan.id)
+                 if int(f.name.split("_module")[1].split("_")[0]) in self.sectors]
+        return files[thread::threads]
+
+    def plan(self, scan: Scan, thread: int, threads: int) -> Iterator[dict]:
+        for header, _ in read_sectors(self._files(scan, thread, threads)):
+            yield {**header, "scan": scan.id}
+
+    def messages(self, scan: Scan, thread: int, threads: int) -> Iterator[Message]:
+        for header, sector in read_sectors(self._files(scan, thread, threads)):
+            yield Message({**header, "scan": scan.id}, sector)

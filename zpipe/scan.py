@@ -1,0 +1,96 @@
+"""A scan's record in the key-value store and its account: what was expected, received, processed, missing.
+
+`scans/{id}` holds the record: status (announced, streaming, fallback, processing, writing,
+done, failed), the node groups fixed for the scan when it was announced, and the source's
+metadata. Each node group adds `scans/{id}/report/{replica}`; the first node group of the
+scan adds them up into `scans/{id}/report` and a JSON file next to the scan's output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from zpipe.kv import KVClient
+
+STATUSES = ("announced", "streaming", "fallback", "processing", "writing", "done", "failed")
+
+
+def key(scan: int) -> str:
+    return f"scans/{scan}"
+
+
+def update(kv: KVClient, scan: int, **fields) -> dict:
+    """Merge `fields` into the scan record (last writer wins per field, which suits one writer per phase)."""
+    rec = dict(kv.get(key(scan)) or {"scan": scan})
+    rec.update(fields, updated=time.time())
+    kv.set(key(scan), rec)
+    return rec
+
+
+def wait_record(kv: KVClient, scan: int, timeout: float) -> dict:
+    try:
+        return kv.wait(lambda items: key(scan) in items, prefix=key(scan), timeout=timeout)[key(scan)]
+    except TimeoutError:
+        raise TimeoutError(f"scan {scan}: no record at {key(scan)} after {timeout:.0f} s "
+                           f"(the first producer announces it)") from None
+
+
+def empty_report(node_group: str = "") -> dict[str, Any]:
+    return {"node_group": node_group, "expected": 0, "received": 0, "rejected": 0, "complete": 0,
+            "incomplete": 0, "missing_parts": {}, "missing_items": [], "undeliverable": 0,
+            "timed_out": False, "analyses": {}}
+
+
+def add_reports(reports: list[dict]) -> dict[str, Any]:
+    """The scan's total: counts add up, missing parts and items merge, analysis figures add up."""
+    total = empty_report("total")
+    total["node_groups"] = [r.get("node_group", "") for r in reports]
+    for r in reports:
+        for f in ("expected", "received", "rejected", "complete", "incomplete", "undeliverable"):
+            total[f] += r.get(f, 0)
+        total["timed_out"] |= bool(r.get("timed_out"))
+        total["missing_parts"].update(r.get("missing_parts", {}))
+        total["missing_items"].extend(r.get("missing_items", []))
+        for name, figures in r.get("analyses", {}).items():
+            merged = total["analyses"].setdefault(name, {})
+            for k, v in figures.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    merged[k] = merged.get(k, 0) + v
+    total["missing_items"].sort()
+    total["missing_parts"] = dict(sorted(total["missing_parts"].items(), key=lambda kv: int(kv[0])))
+    total["lost_parts"] = sum(len(v) for v in total["missing_parts"].values())
+    total["ok"] = (total["expected"] == total["received"] and not total["incomplete"]
+                   and not total["missing_items"] and not total["rejected"] and not total["undeliverable"])
+    return total
+
+
+def write_json(path: str, data: dict) -> str:
+    """Atomically: a reader never sees half a report."""
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def summary_line(scan: int, total: dict, seconds: float | None = None) -> str:
+    lost = total.get("lost_parts", 0)
+    took = f" in {seconds:.2f} s" if seconds is not None else ""
+    parts = [f"scan {scan}{took}: expected {total['expected']:,}, received {total['received']:,}",
+             f"{total['complete']:,} complete + {total['incomplete']:,} incomplete items"]
+    if lost:
+        shown = ", ".join(f"{k}:{v}" for k, v in list(total["missing_parts"].items())[:5])
+        more = " ..." if len(total["missing_parts"]) > 5 else ""
+        parts.append(f"{lost} missing parts ({shown}{more})")
+    if total["missing_items"]:
+        parts.append(f"{len(total['missing_items'])} items missing entirely")
+    if total["rejected"]:
+        parts.append(f"{total['rejected']} rejected")
+    if total["undeliverable"]:
+        parts.append(f"{total['undeliverable']} undeliverable")
+    if total["timed_out"]:
+        parts.append("ended by timeout")
+    return "; ".join(parts)
