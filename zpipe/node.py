@@ -54,10 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     rt = NodeRuntime(topology, args.node, args.replica, args.host, args.registry, output_dir=args.output_dir)
     signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
     signal.signal(signal.SIGINT, lambda *_: rt.stop.set())
-    status_key = rt.key("nodes")
-    rt.kv.set(status_key, {"role": spec.role, "host": args.host, "pid": os.getpid(), "state": "running",
-                           "since": time.time()}, ttl=3.0)
     drain = False
+    rt.meter.state = "idle"
     try:
         if role.plugin_kind:
             cls = catalog.get(spec.plugin)
@@ -69,18 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             make_plugin = None
         totals = role.load()(rt, make_plugin)
         rt.kv.set(rt.key("totals"), totals)  # outlives the process, for the runner's summary
-        rt.kv.set(status_key, {"role": spec.role, "host": args.host, "pid": os.getpid(), "state": "done",
-                               "totals": totals}, ttl=3.0)
+        rt.meter.state = "done"
         drain = True
         return 0
     except InterruptedError:
+        rt.meter.state = "stopping"
         return 0 if rt.stop.is_set() else 1
     except Exception:
         tb = traceback.format_exc()
         sys.stderr.write(tb)
+        rt.meter.state = "failed"
+        rt.meter.errors += 1
+        rt.meter.warnings.append(tb.strip().splitlines()[-1][:300])
         try:
-            rt.kv.set(status_key, {"role": spec.role, "host": args.host, "pid": os.getpid(), "state": "failed",
-                                   "error": tb[-4000:]}, ttl=30.0)
+            rt.kv.set(rt.key("failures"), {"error": tb[-4000:], "time": time.time()})
         except Exception:
             pass
         return 1

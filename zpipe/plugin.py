@@ -170,5 +170,18 @@ class Analysis(Plugin[P]):
     def finish(self, scan: Scan) -> dict[str, Any] | None:
         return None
 
+    def results(self, scan: Scan) -> dict[str, Any] | None:
+        """This worker's results for `scan` (numpy arrays and plain values), after `finish`.
+
+        The node groups ship every worker's results to one place (over ZeroMQ, or with
+        MPI when run under mpiexec) and call `write` there once per scan.
+        """
+        return None
+
+    @classmethod
+    def write(cls, scan: Scan, parts: list[dict[str, Any]], report: dict[str, Any], output_dir: str) -> str | None:
+        """Combine every worker's `results` into the scan's output file; return its path."""
+        return None
+
 
 KINDS = {"source": Source, "stage": Stage, "analysis": Analysis}

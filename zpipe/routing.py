@@ -56,14 +56,17 @@ class Router:
     def send(self, replica: int, frames, *, copy: bool = False) -> None:
         """Send to `replica`, blocking at its high-water mark; Undeliverable if it is not there."""
         waited_since = None
+        blocked_at = None
         while True:
             sock = self.socks.get(replica)
             if sock is not None:
                 try:
                     sock.send_multipart(frames, copy=copy)
+                    if blocked_at is not None:
+                        self.rt.meter.blocked_s += time.monotonic() - blocked_at
                     return
                 except zmq.Again:
-                    pass
+                    blocked_at = blocked_at or time.monotonic()
             if self.rt.stop.is_set():
                 raise InterruptedError("stopped while sending")
             self.refresh()

@@ -17,6 +17,7 @@ import zmq
 
 from zpipe.kv import KVClient
 from zpipe.registry import Endpoint, Follower, Registry, reachable
+from zpipe.status import Meter, Publisher, WarningsToMeter
 from zpipe.topology import NodeSpec, SocketSpec, Topology
 
 log = logging.getLogger("zpipe.runtime")
@@ -63,10 +64,16 @@ class NodeRuntime:
         self.registry_address = registry_address
         self.output_dir = output_dir
         self.resolve_timeout = resolve_timeout
+        self.mpi = None  # the MPI communicator when this replica is an MPI rank (see zpipe.mpirun)
         self.stop = threading.Event()
         self.ctx = zmq.Context()
         self.kv = KVClient(registry_address, name=f"{node}[{replica}]").start()
         self.registry = Registry(self.kv)
+        self.meter = Meter(node, replica, self.spec.role, host, os.getpid())
+        logging.getLogger().addHandler(WarningsToMeter(self.meter))
+        self.status = Publisher(self.kv, self.meter, topology.status.interval)
+        if topology.status.interval > 0:
+            self.status.start()
         self.links: dict[str, Link] = {}
         self._published: list[Endpoint] = []
         self._lock = threading.Lock()
@@ -101,9 +108,12 @@ class NodeRuntime:
         the socket belongs to the calling thread and is closed by it.
         """
         spec = self.spec.sockets[sname]
+        return self.bind_as(f"{sname}@{thread}", spec.model_copy(update={"port": None}))
+
+    def bind_as(self, name: str, spec: SocketSpec) -> zmq.Socket:
+        """A socket bound on any free port and registered under `name` (for the node's own plumbing)."""
         sock = self._new_socket(spec)
-        name = f"{sname}@{thread}"
-        sock.bind(self._bind_address(name, spec.model_copy(update={"port": None})))
+        sock.bind(self._bind_address(name, spec))
         ep = Endpoint(self.name, self.replica, name,
                       reachable(sock.getsockopt_string(zmq.LAST_ENDPOINT), self.host_spec.address),
                       host=self.host, pid=os.getpid())
@@ -117,6 +127,13 @@ class NodeRuntime:
         sock = self._new_socket(self.spec.sockets[sname])
         ep = self.registry.resolve(peer_node, peer_socket, replicas=replica + 1, timeout=self.resolve_timeout)
         sock.connect(ep[replica].address)
+        return sock
+
+    def connect_to_endpoint(self, node: str, name: str, replica: int) -> zmq.Socket:
+        """A PUSH connected to replica `replica` of the node's own registered endpoint `name`."""
+        sock = self._new_socket(SocketSpec(pattern="push", hwm=100_000))
+        eps = self.registry.resolve(node, name, replicas=replica + 1, timeout=self.resolve_timeout)
+        sock.connect(next(e for e in eps if e.replica == replica).address)
         return sock
 
     def _new_socket(self, spec: SocketSpec) -> zmq.Socket:
@@ -158,6 +175,7 @@ class NodeRuntime:
         """Close sockets; when draining, wait (bounded) for queued messages to reach their peers."""
         # Sockets first, registrations after: peers that see us leave disconnect, and anything
         # still queued to them would be lost if they did so before it was delivered.
+        self.status.stop()
         linger = CLOSE_LINGER_MS if drain else ABORT_LINGER_MS
         # destroy() closes every socket of this context, those threads made included, then
         # returns once queued messages are delivered or the linger ran out.

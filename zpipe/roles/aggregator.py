@@ -27,13 +27,16 @@ DRAIN = 256  # messages taken per pass before looking up (stop, registry changes
 class Rejects:
     """Counts rejected messages; logs each distinct (reason, sender) once, not per message."""
 
-    def __init__(self, where: str):
+    def __init__(self, where: str, meter=None):
         self.where, self.count, self._seen = where, 0, set()
+        self.meter = meter
         self._lock = threading.Lock()
 
     def add(self, reason: str, sender: str = "unknown sender") -> None:
         with self._lock:
             self.count += 1
+            if self.meter is not None:
+                self.meter.rejected = self.count
             if (reason, sender) not in self._seen:
                 self._seen.add((reason, sender))
                 log.warning("%s rejected a message from %s: %s", self.where, sender, reason)
@@ -46,7 +49,7 @@ def run(rt: NodeRuntime, _make_plugin) -> dict:
     producer_threads = topo.nodes[ups[0].node].threads
     ng_node, ng_sock = downstream(topo, rt.name, out_name)
     ng_threads = topo.nodes[ng_node].threads
-    rejects = Rejects(f"{rt.name}[{rt.replica}].{in_name}")
+    rejects = Rejects(f"{rt.name}[{rt.replica}].{in_name}", rt.meter)
     totals = [dict(messages=0, bytes=0, undeliverable=0) for _ in range(spec.threads)]
     errors: list[BaseException] = []
     ready = threading.Barrier(spec.threads + 1)
@@ -94,6 +97,8 @@ def _relay(rt: NodeRuntime, t: int, pull: zmq.Socket, router: Router, producer_t
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     me = f"{rt.name}[{rt.replica}]/{t}"
+    meter = rt.meter
+    meter.state = "streaming"
     while ends < producer_threads:
         if rt.stop.is_set():
             raise InterruptedError("stopped")
@@ -134,6 +139,7 @@ def _relay(rt: NodeRuntime, t: int, pull: zmq.Socket, router: Router, producer_t
             except (KeyError, TypeError, ValueError):
                 rejects.add(f"no integer {route!r} to route by", str(header.get("sender", "unknown sender")))
                 continue
+            meter.msgs_in += 1
             try:
                 router.send(target, frames)
             except Undeliverable as exc:
@@ -142,7 +148,11 @@ def _relay(rt: NodeRuntime, t: int, pull: zmq.Socket, router: Router, producer_t
                     log.warning("%s: scan %d: %s; counting its messages as lost", me, scan_id, exc)
                 continue
             totals["messages"] += 1
-            totals["bytes"] += len(frames[-1])
+            nbytes = len(frames[-1])
+            totals["bytes"] += nbytes
+            meter.msgs_out += 1
+            meter.bytes_in += nbytes
+            meter.bytes_out += nbytes
 
 
 def _forward_info(router: Router, scan_id: int, got: list[dict], me: str, totals: dict) -> None:

@@ -22,6 +22,7 @@ import zmq
 
 from zpipe import catalog, flow, scan as scans
 from zpipe.assemble import Assembler
+from zpipe.gather import MpiGather, ZmqGather
 from zpipe.plugin import Analysis, Batch, Context, Scan
 from zpipe.roles.aggregator import Rejects
 from zpipe.runtime import NodeRuntime
@@ -56,7 +57,9 @@ class NodeGroup:
         self.rt, self.spec, self.in_name = rt, rt.spec, in_name
         self.senders, self.per_thread = senders, per_thread
         self.label = f"{rt.name}[{rt.replica}]"
-        self.rejects = Rejects(f"{self.label}.{in_name}")
+        self.rejects = Rejects(f"{self.label}.{in_name}", rt.meter)
+        self.meter = rt.meter
+        self.meter.queue_max = QUEUE_DEPTH * rt.spec.workers
         self.queues = [queue.Queue(QUEUE_DEPTH) for _ in range(self.spec.workers)]
         self.results: queue.Queue = queue.Queue()
         self.scans: dict[int, _ScanState] = {}
@@ -68,6 +71,11 @@ class NodeGroup:
         self.bytes = [0] * self.spec.threads  # per receiver thread, written only by it
         self.messages = 0
         self.analyses = [(a.plugin, catalog.get(a.plugin), a.params) for a in self.spec.analyses]
+        # Only analyses that write a file need their results gathered.
+        self.writes = any(cls.write.__func__ is not Analysis.write.__func__ for _, cls, _ in self.analyses)
+        self.gather = None
+        if self.writes:
+            self.gather = MpiGather(rt.mpi) if rt.mpi is not None else ZmqGather(rt, self.spec.scan_timeout * 2 + 30)
 
     # -- receiving -----------------------------------------------------------------------------
     def state(self, scan_id: int) -> _ScanState:
@@ -150,7 +158,10 @@ class NodeGroup:
             return
         self.put(w, ("part", scan_id, header, frames[1]), st)
         st.received[t] += 1  # after the put: once counts add up, every part is in a queue
-        self.bytes[t] += len(frames[1])
+        nbytes = len(frames[1])
+        self.bytes[t] += nbytes
+        self.meter.msgs_in += 1
+        self.meter.bytes_in += nbytes
 
     def put(self, w: int, item, st: _ScanState | None = None) -> None:
         while True:
@@ -158,6 +169,7 @@ class NodeGroup:
                 self.queues[w].put(item, timeout=0.1)
                 return
             except queue.Full:
+                self.meter.blocked_s += 0.1
                 if self.rt.stop.is_set():
                     raise InterruptedError("stopped") from None
                 if st is not None:
@@ -202,8 +214,10 @@ class NodeGroup:
                     result["seen"] = asm.seen
                     self.run_batches(asm, plugins, scan_id, force=True)
                     result["complete"], result["incomplete"] = asm.done_complete, asm.done_incomplete
+                result["results"] = {}
                 for name, p in plugins:
                     result["analyses"][name] = p.finish(Scan(scan_id)) or {}
+                    result["results"][name] = p.results(Scan(scan_id))
                 self.results.put((scan_id, w, result))
 
     def run_batches(self, asm: Assembler, plugins, scan_id: int, force: bool) -> None:
@@ -218,8 +232,14 @@ class NodeGroup:
         now = time.monotonic()
         with self.lock:
             open_scans = [s for s in self.scans.values() if s.id not in self.finished]
+        meter = self.meter
+        meter.queue = sum(q.qsize() for q in self.queues)
+        if open_scans:
+            meter.state, meter.scan = "streaming", open_scans[-1].id
         for st in open_scans:
             received = sum(st.received)
+            meter.scans[st.id] = {"received": received, "expected": st.expected if st.infos >= self.senders else None,
+                                  "infos": st.infos, "senders": self.senders}
             complete = st.infos >= self.senders and received >= st.expected
             quiet = now - st.last > self.spec.scan_timeout
             if complete or quiet:
@@ -236,6 +256,7 @@ class NodeGroup:
                         sum(st.received), st.expected if st.infos >= self.senders else "?", st.infos, self.senders)
         if ngs and ngs[0] == rt.replica:
             scans.update(rt.kv, st.id, status="processing")
+        self.meter.state = "processing"
         for w in range(spec.workers):
             self.put(w, ("flush", st.id))
         parts = [self.results.get() for _ in range(spec.workers)]
@@ -255,10 +276,15 @@ class NodeGroup:
                         merged[k] = merged.get(k, 0) + v
         report["missing_items"] = self.missing_items(rec, ngs, seen)
         report["rejected"] = self.rejects.count
+        mine = {name: [r["results"][name] for _, _, r in parts if r["results"].get(name) is not None]
+                for name, _, _ in self.analyses}
+        gathered = self.gather.collect(st.id, ngs or [rt.replica], mine) if self.writes else None
         self.messages += report["received"]
         rt.kv.set(f"scans/{st.id}/report/{rt.replica}", report)
+        self.meter.scans[st.id] = {"received": report["received"], "expected": report["expected"], "done": True}
+        self.meter.state = "idle"
         if ngs and ngs[0] == rt.replica:
-            self.total(st.id, ngs, rec)
+            self.total(st.id, ngs, rec, gathered)
 
     def missing_items(self, rec: dict, ngs: list[int], seen: set[int]) -> list[int]:
         """Items of our share that never showed a single part, when the source said which keys to expect."""
@@ -269,7 +295,7 @@ class NodeGroup:
         n, me = len(ngs), ngs.index(self.rt.replica)
         return [k for k in range(first, first + count) if k % n == me and k not in seen]
 
-    def total(self, scan_id: int, ngs: list[int], rec: dict) -> None:
+    def total(self, scan_id: int, ngs: list[int], rec: dict, gathered) -> None:
         """The scan's first node group adds up every node group's report and closes the scan."""
         rt = self.rt
         prefix = f"scans/{scan_id}/report/"
@@ -282,9 +308,18 @@ class NodeGroup:
         total = scans.add_reports([reports[k] for k in sorted(reports)])
         seconds = time.time() - rec.get("started", time.time())
         total["seconds"] = seconds
+        total["outputs"] = {}
+        if gathered:
+            scans.update(rt.kv, scan_id, status="writing")
+            self.meter.state = "writing"
+            for name, cls, _ in self.analyses:
+                out = cls.write(Scan(scan_id, rec.get("meta") or {}), gathered.get(name, []), total, rt.output_dir)
+                if out:
+                    total["outputs"][name] = out
         path = scans.write_json(os.path.join(rt.output_dir, f"scan_{scan_id}_report.json"), total)
-        scans.update(rt.kv, scan_id, status="done", report_file=path, ok=total["ok"],
-                     summary=scans.summary_line(scan_id, total, seconds), finished=time.time())
+        outputs = "".join(f"; {name} wrote {out}" for name, out in total["outputs"].items())
+        scans.update(rt.kv, scan_id, status="done", report_file=path, ok=total["ok"], outputs=total["outputs"],
+                     summary=scans.summary_line(scan_id, total, seconds) + outputs, finished=time.time())
         log.info("%s", scans.summary_line(scan_id, total, seconds))
 
     # -- the whole run -------------------------------------------------------------------------

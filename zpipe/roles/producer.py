@@ -78,10 +78,12 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
         return senders[t]
 
     for sc in plugins[0].scans():
+        rt.meter.scan, rt.meter.state = sc.id, "streaming"
         rec = _announce(rt, sc, ng_node, ng_sock)
         ngs = rec["node_groups"]
         t0 = time.perf_counter()
         if not ngs:
+            rt.meter.state = "writing"
             counts = _fallback(rt, plugins, sc, rec)
         else:
             counts = _in_threads(rt, plugins, lambda t, p: _stream(rt, p, sc, t, ngs, direct, make_sender))
@@ -91,6 +93,7 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
         for k in ("messages", "bytes", "undeliverable"):
             totals[k] += counts.get(k, 0)
         totals["scans"] += 1
+        rt.meter.state = "idle"
     _in_threads(rt, plugins, lambda t, p: _send_end(rt, t, direct, make_sender))
     flow.publish(rt.kv, rt.name, rt.replica, "end", done=True)
     return totals
@@ -141,11 +144,15 @@ def _in_threads(rt: NodeRuntime, plugins, work) -> dict:
 
 
 def _send(rt: NodeRuntime, sock: zmq.Socket, frames) -> None:
+    blocked_at = None
     while True:
         try:
             sock.send_multipart(frames, copy=False)
+            if blocked_at is not None:
+                rt.meter.blocked_s += time.monotonic() - blocked_at
             return
         except zmq.Again:
+            blocked_at = blocked_at or time.monotonic()
             if rt.stop.is_set():
                 raise InterruptedError("stopped while sending") from None
 
@@ -180,6 +187,8 @@ def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], d
             _send(rt, sender, frames)
         messages += 1
         nbytes += msg.nbytes
+        rt.meter.msgs_out += 1
+        rt.meter.bytes_out += msg.nbytes
     return {"messages": messages, "bytes": nbytes, "undeliverable": lost}
 
 

@@ -47,6 +47,7 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
         link.socket.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
 
     for scan in plugins[0].scans():
+        rt.meter.scan, rt.meter.state = scan.id, "streaming"
         flow.publish(rt.kv, rt.name, rt.replica, scan.id, done=False, meta=scan.meta)
         t0 = time.perf_counter()
         counts = _send_scan(rt, plugins, scan, links)
@@ -138,6 +139,8 @@ def _send_thread(rt: NodeRuntime, plugin: Source, scan: Scan, thread: int, threa
             _send_blocking(rt, sock, msg, refresh)
         n += 1
         nbytes += msg.nbytes
+        rt.meter.msgs_out += 1
+        rt.meter.bytes_out += msg.nbytes
         if rt.stop.is_set():
             raise InterruptedError("stopped")
     return {"messages": n, "bytes": nbytes}

@@ -66,6 +66,8 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
                             raise InterruptedError("stopped while sending") from None
                         rt.refresh()
                 st.sent[name] = st.sent.get(name, 0) + 1
+                rt.meter.msgs_out += 1
+                rt.meter.bytes_out += msg.nbytes
 
     def publish_counts(final_for: _ScanState | None = None) -> None:
         for st in open_scans.values():
@@ -102,7 +104,11 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
                 chunk = msgs[i:i + BATCH]
                 emit(st, plugin.process(chunk))
                 st.received += len(chunk)
-                st.bytes += sum(m.nbytes for m in chunk)
+                nbytes = sum(m.nbytes for m in chunk)
+                st.bytes += nbytes
+                rt.meter.msgs_in += len(chunk)
+                rt.meter.bytes_in += nbytes
+                rt.meter.scan, rt.meter.state = scan_id, "streaming"
         now = time.monotonic()
         if got and now - last_publish < PUBLISH_EVERY:
             continue

@@ -118,10 +118,17 @@ class RegistrySpec(Strict):
     address: str | None = Field(None, description="an external registry, e.g. tcp://10.0.0.5:5555; no server is started")
 
 
+class StatusSpec(Strict):
+    """How often nodes publish their status and counters; 0 turns it off."""
+
+    interval: float = Field(0.5, ge=0, le=60)
+
+
 class Topology(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
     description: str = ""
     registry: RegistrySpec = RegistrySpec()
+    status: StatusSpec = StatusSpec()
     hosts: dict[Name, HostSpec] = Field(default_factory=lambda: {"localhost": HostSpec()})
     nodes: dict[Name, NodeSpec]
 
