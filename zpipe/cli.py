@@ -31,8 +31,13 @@ def cmd_run(args) -> int:
             print(p, file=sys.stderr)
         print(f"{args.topology}: not started: {len(problems)} problem{'s' * (len(problems) != 1)}", file=sys.stderr)
         return 1
+    from zpipe import mpirun
     from zpipe.runner import Runner, RunError
 
+    comm = mpirun.world()
+    if comm is not None:
+        return mpirun.run(topo, args.topology, comm, host=args.host, registry=args.registry,
+                          output_dir=args.output_dir)
     try:
         return Runner(topo, args.topology, host=args.host, registry=args.registry, output_dir=args.output_dir).run()
     except RunError as exc:

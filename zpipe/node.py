@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -47,13 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("ZPIPE_LOG", "INFO"), stream=sys.stderr,
                         format=f"%(levelname)s {label} %(name)s: %(message)s")
     topology = load_topology(args.topology)
-    spec = topology.nodes[args.node]
+    return run_replica(topology, args.node, args.replica, args.host, args.registry, args.output_dir)
+
+
+def run_replica(topology, node: str, replica: int, host: str, registry: str, output_dir: str,
+                *, mpi=None, stop=None) -> int:
+    """Run one replica to its end in this process; returns its exit code.
+
+    In a process of its own (main thread) it answers SIGTERM/SIGINT; in a thread (an MPI
+    rank's node group) the caller stops it through `stop`, a threading.Event.
+    """
+    spec = topology.nodes[node]
     role = ROLES[spec.role]
     from zpipe.runtime import NodeRuntime  # heavy imports after argument errors are out of the way
 
-    rt = NodeRuntime(topology, args.node, args.replica, args.host, args.registry, output_dir=args.output_dir)
-    signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
-    signal.signal(signal.SIGINT, lambda *_: rt.stop.set())
+    rt = NodeRuntime(topology, node, replica, host, registry, output_dir=output_dir)
+    rt.mpi = mpi
+    if stop is not None:
+        rt.stop = stop
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: rt.stop.set())
     drain = False
     rt.meter.state = "idle"
     try:

@@ -52,11 +52,17 @@ def pick_host(topology: Topology, host: str | None) -> str:
 
 class Runner:
     def __init__(self, topology: Topology, path: str, *, host: str | None = None, registry: str | None = None,
-                 output_dir: str = ".", out=sys.stdout, err=sys.stderr):
+                 output_dir: str = ".", out=sys.stdout, err=sys.stderr, exclude: frozenset[str] = frozenset(),
+                 on_registry=None):
         self.topology, self.path = topology, os.path.abspath(path)
         self.host = pick_host(topology, host)
         self.registry_arg = registry
         self.output_dir = os.path.abspath(output_dir)
+        # Under MPI (zpipe.mpirun) the node groups run in the MPI ranks, not as our children:
+        # they are excluded here, and `on_registry(address)` starts this rank's share of them
+        # as `local` threads (label, thread, [exit code]) that are supervised like replicas.
+        self.exclude, self.on_registry = exclude, on_registry
+        self.local: list[tuple[str, threading.Thread, list[int]]] = []
         self.out, self.err = out, err
         self.replicas: list[Replica] = []
         self.server: KVServer | None = None
@@ -82,7 +88,7 @@ class Runner:
     def _spawn(self, registry: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for name, node in self.topology.nodes.items():
-            if node.host != self.host:
+            if node.host != self.host or name in self.exclude:
                 continue
             for i in range(node.replicas):
                 cmd = [sys.executable, "-m", "zpipe.node", "--topology", self.path, "--node", name,
@@ -128,6 +134,8 @@ class Runner:
             self.kv = KVClient(registry, name="runner").start()
             print(f"zpipe: {self.topology.name} on host {self.host}, registry at {registry}", file=self.err, flush=True)
             self._spawn(registry)
+            if self.on_registry:
+                self.on_registry(registry)
             code = self._supervise()
             if code == 0:
                 for line in self.scan_lines():
@@ -151,6 +159,14 @@ class Runner:
                 return 130
             codes = [(r, r.proc.poll()) for r in self.replicas]
             failed = [(r, c) for r, c in codes if c not in (None, 0)]
+            for label, thread, result in self.local:
+                if not thread.is_alive() and result and result[0] != 0:
+                    print(f"zpipe: node {label} (in this process) failed with exit code {result[0]}",
+                          file=self.err, flush=True)
+                    return 1
+            if all(c == 0 for _, c in codes) and any(th.is_alive() for _, th, _ in self.local):
+                time.sleep(0.05)
+                continue
             if failed:
                 time.sleep(0.2)  # let the reader catch the traceback's last lines
                 for r, c in failed:
