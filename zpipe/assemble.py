@@ -31,12 +31,14 @@ class Assembler:
     pending: dict[int, _Item] = field(default_factory=dict)
     ready: list[_Item] = field(default_factory=list)
     incomplete: list[_Item] = field(default_factory=list)
-    seen: set[int] = field(default_factory=set)  # every key that showed at least one part
+    key_range: tuple[int, int] | None = None  # (first, count) when the source said which keys to expect
+    seen: "KeySet" = None  # every key that showed at least one part
     done_complete: int = 0
     done_incomplete: int = 0
     _pool: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.seen = KeySet(self.key_range)
         self.dtype = np.dtype(self.spec.dtype).newbyteorder("<")
         self.part_shape = tuple(self.spec.shape)
         self.part_bytes = int(np.prod(self.part_shape)) * self.dtype.itemsize
@@ -110,3 +112,36 @@ class Assembler:
     @property
     def in_flight(self) -> int:
         return len(self.pending) + len(self.ready) + len(self.incomplete)
+
+
+class KeySet:
+    """The keys seen in a scan: a bitmap over the announced range (one byte per frame, not a
+    Python int each), so memory does not grow 60-fold with the scan; a set for strays."""
+
+    def __init__(self, key_range: tuple[int, int] | None):
+        self.first, count = key_range if key_range else (0, 0)
+        self.bits = np.zeros(count, dtype=bool)
+        self.extra: set[int] = set()
+
+    def add(self, key: int) -> None:
+        i = key - self.first
+        if 0 <= i < len(self.bits):
+            self.bits[i] = True
+        else:
+            self.extra.add(key)
+
+    def __contains__(self, key: int) -> bool:
+        i = key - self.first
+        return bool(self.bits[i]) if 0 <= i < len(self.bits) else key in self.extra
+
+    def merge(self, other: "KeySet") -> None:
+        if len(self.bits) == len(other.bits) and self.first == other.first:
+            self.bits |= other.bits
+        else:
+            for k in other.keys():
+                self.add(int(k))
+        self.extra |= other.extra
+
+    def keys(self):
+        yield from (np.flatnonzero(self.bits) + self.first).tolist()
+        yield from self.extra

@@ -22,10 +22,20 @@ def key(scan: int) -> str:
     return f"scans/{scan}"
 
 
+_written: dict[tuple[int, str], dict] = {}  # (client, key) -> fields this process wrote
+
+
 def update(kv: KVClient, scan: int, **fields) -> dict:
-    """Merge `fields` into the scan record (last writer wins per field, which suits one writer per phase)."""
-    rec = dict(kv.get(key(scan)) or {"scan": scan})
-    rec.update(fields, updated=time.time())
+    """Merge `fields` into the scan record.
+
+    The store shows our own writes only once the server has echoed them, so a second
+    update right after a first would read the record without them and wipe them out:
+    the fields this process wrote are kept here and merged over what the store shows.
+    One party writes each phase's fields (producers, then node groups), so ours win.
+    """
+    mine = _written.setdefault((id(kv), key(scan)), {})
+    mine.update(fields, updated=time.time())
+    rec = {"scan": scan, **(kv.get(key(scan)) or {}), **mine}
     kv.set(key(scan), rec)
     return rec
 

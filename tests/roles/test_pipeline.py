@@ -137,7 +137,7 @@ def test_no_node_group_goes_to_disk_that_stempy_reads_and_replay_matches_live(tm
     assert res.returncode == 0, res.stderr
     a, b = report(live), report(replayed)
     for key in ("expected", "received", "complete", "incomplete", "missing_parts", "analyses"):
-        assert a[key] == b[key], key
+        assert a[key] == b[key], (key, res.stdout, res.stderr)
 
 
 @pytest.mark.timeout(180)
@@ -160,7 +160,7 @@ def test_slow_stage_loses_nothing_and_producer_memory_stays_flat(tmp_path):
             while proc.poll() is None:
                 for child in psutil.Process(proc.pid).children(recursive=True):
                     try:
-                        if "producer" in " ".join(child.cmdline()):
+                        if "--node producer " in " ".join(child.cmdline()):
                             samples.setdefault(child.pid, []).append(child.memory_info().rss)
                     except psutil.Error:
                         pass

@@ -21,7 +21,7 @@ import msgpack
 import zmq
 
 from zpipe import catalog, flow, scan as scans
-from zpipe.assemble import Assembler
+from zpipe.assemble import Assembler, KeySet
 from zpipe.gather import MpiGather, ZmqGather
 from zpipe.plugin import Analysis, Batch, Context, Scan
 from zpipe.roles.aggregator import Rejects
@@ -194,7 +194,8 @@ class NodeGroup:
                 _, scan_id, header, frame = item
                 asm = assemblers.get(scan_id)
                 if asm is None:
-                    asm = assemblers[scan_id] = Assembler(spec.assemble, spec.batch)
+                    keys = ((self.rt.kv.get(scans.key(scan_id)) or {}).get("meta") or {}).get("keys")
+                    asm = assemblers[scan_id] = Assembler(spec.assemble, spec.batch, key_range=tuple(keys) if keys else None)
                     for _, p in plugins:
                         p.begin(Scan(scan_id))
                 try:
@@ -263,12 +264,14 @@ class NodeGroup:
         report = scans.empty_report(self.label)
         report.update(expected=st.expected, received=sum(st.received), timed_out=timed_out,
                       infos=st.infos, senders=self.senders)
-        seen: set[int] = set()
+        keys = (rec.get("meta") or {}).get("keys")
+        seen = KeySet(tuple(keys) if keys else None)
         for _, _, r in parts:
             report["complete"] += r["complete"]
             report["incomplete"] += r["incomplete"]
             report["missing_parts"].update(r["missing_parts"])
-            seen.update(r.get("seen", ()))
+            if r.get("seen") is not None:
+                seen.merge(r["seen"])
             for name, figures in r["analyses"].items():
                 merged = report["analyses"].setdefault(name, {})
                 for k, v in figures.items():
@@ -286,7 +289,7 @@ class NodeGroup:
         if ngs and ngs[0] == rt.replica:
             self.total(st.id, ngs, rec, gathered)
 
-    def missing_items(self, rec: dict, ngs: list[int], seen: set[int]) -> list[int]:
+    def missing_items(self, rec: dict, ngs: list[int], seen: KeySet) -> list[int]:
         """Items of our share that never showed a single part, when the source said which keys to expect."""
         keys = (rec.get("meta") or {}).get("keys")
         if not keys or self.rt.replica not in ngs:
