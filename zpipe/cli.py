@@ -96,6 +96,12 @@ def cmd_plugins(args) -> int:
     return 1 if any(r["error"] for r in rows) else 0
 
 
+def cmd_status(args) -> int:
+    from zpipe.statuscmd import run
+
+    return run(args)
+
+
 def cmd_kv(args) -> int:
     from zpipe.kv.server import serve
 
@@ -134,6 +140,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins, their kind, distribution and parameters")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("status", help="show a running pipeline's nodes, rates and scans, from its registry")
+    p.add_argument("--registry", required=True, help="the pipeline's registry, as `zpipe run` printed it")
+    p.add_argument("--once", action="store_true", help="print one table and exit")
+    p.add_argument("--json", action="store_true", help="print every replica (counters, rates) and scan as JSON; exit")
+    p.add_argument("--sample", type=float, default=1.0, help="seconds between the snapshots rates come from")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the registry")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("kv", help="run a stand-alone registry (key-value store) server")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555")

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from zpipe import view
 from zpipe.kv import KVClient, KVServer
 from zpipe.topology import Topology
 
@@ -69,6 +70,7 @@ class Runner:
         self.kv: KVClient | None = None
         self._stop = threading.Event()
         self._print_lock = threading.Lock()
+        self.display: view.Display | None = None  # the live view or plain progress lines (zpipe/view.py)
 
     # -- registry ------------------------------------------------------------------------------
     def _registry(self) -> str:
@@ -105,6 +107,8 @@ class Runner:
         for raw in rep.proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             rep.tail.append(line)
+            if self.display is not None and self.display.relay(f"[{rep.label}] {line}"):
+                continue  # printed above the live view, which a raw print would tear
             with self._print_lock:
                 print(f"[{rep.label}] {line}", file=self.err, flush=True)
 
@@ -133,6 +137,9 @@ class Runner:
             registry = self._registry()
             self.kv = KVClient(registry, name="runner").start()
             print(f"zpipe: {self.topology.name} on host {self.host}, registry at {registry}", file=self.err, flush=True)
+            # In-process node groups (under MPI) log straight to stderr, which would tear a live view.
+            self.display = view.for_runner(self.kv, self.topology, self.host, self.err, self._print_lock,
+                                           exclude=self.exclude, live=False if self.on_registry else None)
             self._spawn(registry)
             if self.on_registry:
                 self.on_registry(registry)
@@ -143,6 +150,7 @@ class Runner:
                 print(self.summary(time.monotonic() - t0), file=self.out, flush=True)
             return code
         finally:
+            self._view_off()
             self._terminate()
             if self.kv:
                 self.kv.close()
@@ -154,6 +162,7 @@ class Runner:
     def _supervise(self) -> int:
         while True:
             if self._stop.is_set():
+                self._view_off()
                 print("zpipe: stopping (signal received)", file=self.err, flush=True)
                 self._terminate()
                 return 130
@@ -161,6 +170,7 @@ class Runner:
             failed = [(r, c) for r, c in codes if c not in (None, 0)]
             for label, thread, result in self.local:
                 if not thread.is_alive() and result and result[0] != 0:
+                    self._view_off()
                     print(f"zpipe: node {label} (in this process) failed with exit code {result[0]}",
                           file=self.err, flush=True)
                     return 1
@@ -169,6 +179,7 @@ class Runner:
                 continue
             if failed:
                 time.sleep(0.2)  # let the reader catch the traceback's last lines
+                self._view_off()
                 for r, c in failed:
                     if r.reader:
                         r.reader.join(timeout=1.0)
@@ -177,8 +188,14 @@ class Runner:
                           file=self.err, flush=True)
                 return 1
             if all(c == 0 for _, c in codes):
+                self._view_off()
                 return 0
             time.sleep(0.05)
+
+    def _view_off(self) -> None:
+        """Before the runner prints on its own: the live view's last picture stays, untorn, above."""
+        if self.display is not None:
+            self.display.stop()
 
     def scan_lines(self) -> list[str]:
         """Each scan's account, as the node groups (or the disk fallback) closed it."""
