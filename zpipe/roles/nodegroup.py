@@ -322,6 +322,8 @@ class NodeGroup:
         path = scans.write_json(os.path.join(rt.output_dir, f"scan_{scan_id}_report.json"), total)
         outputs = "".join(f"; {name} wrote {out}" for name, out in total["outputs"].items())
         scans.update(rt.kv, scan_id, status="done", report_file=path, ok=total["ok"], outputs=total["outputs"],
+                     expected=total["expected"], received=total["received"], complete=total["complete"],
+                     incomplete=total["incomplete"], lost_parts=total["lost_parts"],
                      summary=scans.summary_line(scan_id, total, seconds) + outputs, finished=time.time())
         log.info("%s", scans.summary_line(scan_id, total, seconds))
 
