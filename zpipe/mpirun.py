@@ -50,7 +50,7 @@ def run(topology: Topology, path: str, comm, *, host: str | None, registry: str 
         address, _ = comm.bcast(None, root=0)
         if address is None:
             return 1  # rank 0 could not start
-        return run_replica(topo, ng, rank, here, address, output_dir)
+        return run_replica(topo, ng, rank, here, address, output_dir, mpi=comm)
 
     mpi_path = write_topology(topo, os.path.join(os.path.abspath(output_dir), f"{topo.name}-mpi{size}.yaml"))
     result: list[int] = []

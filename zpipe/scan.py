@@ -54,6 +54,15 @@ def empty_report(node_group: str = "") -> dict[str, Any]:
             "timed_out": False, "analyses": {}}
 
 
+def merge_figures(into: dict[str, Any], figures: dict[str, Any]) -> None:
+    """Workers' and node groups' figures: numbers add up; anything else (thresholds, an error) keeps the first."""
+    for k, v in figures.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            into[k] = into.get(k, 0) + v
+        elif k not in into and v not in (None, {}, [], ""):
+            into[k] = v
+
+
 def add_reports(reports: list[dict]) -> dict[str, Any]:
     """The scan's total: counts add up, missing parts and items merge, analysis figures add up."""
     total = empty_report("total")
@@ -65,10 +74,7 @@ def add_reports(reports: list[dict]) -> dict[str, Any]:
         total["missing_parts"].update(r.get("missing_parts", {}))
         total["missing_items"].extend(r.get("missing_items", []))
         for name, figures in r.get("analyses", {}).items():
-            merged = total["analyses"].setdefault(name, {})
-            for k, v in figures.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    merged[k] = merged.get(k, 0) + v
+            merge_figures(total["analyses"].setdefault(name, {}), figures)
     total["missing_items"].sort()
     total["missing_parts"] = dict(sorted(total["missing_parts"].items(), key=lambda kv: int(kv[0])))
     total["lost_parts"] = sum(len(v) for v in total["missing_parts"].values())

@@ -273,10 +273,7 @@ class NodeGroup:
             if r.get("seen") is not None:
                 seen.merge(r["seen"])
             for name, figures in r["analyses"].items():
-                merged = report["analyses"].setdefault(name, {})
-                for k, v in figures.items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        merged[k] = merged.get(k, 0) + v
+                scans.merge_figures(report["analyses"].setdefault(name, {}), figures)
         report["missing_items"] = self.missing_items(rec, ngs, seen)
         report["rejected"] = self.rejects.count
         mine = {name: [r["results"][name] for _, _, r in parts if r["results"].get(name) is not None]
