@@ -15,3 +15,16 @@ def zpipe(*args: str, timeout: float = 60, env: dict | None = None, cwd=None) ->
     """Run the zpipe command; never hangs a test (the timeout kills it)."""
     return subprocess.run([sys.executable, "-m", "zpipe", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def third_party(where: Path, dist: str, version: str, entry_points: dict[str, str],
+                modules: dict[str, str] | None = None) -> dict[str, str]:
+    """Install a plugin distribution the way pip would, visible only to processes given the returned env."""
+    info = where / f"{dist}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[zpipe.plugins]\n{lines}")
+    for module, code in (modules or {}).items():
+        (where / f"{module}.py").write_text(code)
+    return {"PYTHONPATH": str(where)}

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from support import ROOT, zpipe
+from support import ROOT, third_party, zpipe
 
 
 def leftovers(marker: str) -> list[psutil.Process]:
@@ -88,17 +88,11 @@ def test_replicas_threads_and_a_relay_lose_nothing(topo):
 @pytest.fixture
 def crashy_plugin(tmp_path):
     """A third-party stage that raises on its first batch, installed only for this test's processes."""
-    pkg = tmp_path / "site"
-    info = pkg / "crashy-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crashy\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[zpipe.plugins]\ncrashy = crashy_zp:Crashy\n")
-    (pkg / "crashy_zp.py").write_text(
+    return third_party(tmp_path / "site", "crashy", "1.0", {"crashy": "crashy_zp:Crashy"}, {"crashy_zp": (
         "from zpipe.plugin import Stage\n"
         "class Crashy(Stage):\n"
         "    def process(self, batch):\n"
-        "        raise RuntimeError('deliberate failure in batch of %d' % len(batch))\n")
-    return {"PYTHONPATH": str(pkg)}
+        "        raise RuntimeError('deliberate failure in batch of %d' % len(batch))\n")})
 
 
 @pytest.mark.timeout(60)

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from support import third_party
+
 from zpipe import catalog
 
 
@@ -19,12 +21,8 @@ def test_builtin_plugins_register_through_entry_points():
 @pytest.fixture
 def broken_dist(tmp_path):
     """A third-party distribution with one plugin that fails to import and one that is not a plugin."""
-    info = tmp_path / "brokenzp-0.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenzp\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text(
-        "[zpipe.plugins]\nghost = brokenzp_missing_module:Ghost\nnotaplugin = json:dumps\n")
-    return {"PYTHONPATH": str(tmp_path)}
+    return third_party(tmp_path, "brokenzp", "0.3",
+                       {"ghost": "brokenzp_missing_module:Ghost", "notaplugin": "json:dumps"})
 
 
 def test_broken_plugins_are_reported_and_others_still_listed(run_zpipe, broken_dist):

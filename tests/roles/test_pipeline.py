@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from support import TOPOLOGIES, zpipe
+from support import TOPOLOGIES, third_party, zpipe
 
 SMALL = "scan_shape: [16, 16]"
 
@@ -76,20 +76,14 @@ def test_lost_sectors_are_named_exactly_and_their_frames_still_processed(tmp_pat
 @pytest.fixture
 def liar(tmp_path):
     """A third-party source that announces more messages than it sends, like an upstream loss after counting."""
-    pkg = tmp_path / "site"
-    info = pkg / "liar-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: liar\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[zpipe.plugins]\nliar = liar_zp:Liar\n")
-    (pkg / "liar_zp.py").write_text(
+    return third_party(tmp_path / "site", "liar", "1.0", {"liar": "liar_zp:Liar"}, {"liar_zp": (
         "from zpipe_4dcamera.sources import CameraSource\n"
         "class Liar(CameraSource):\n"
         "    def messages(self, scan, thread, threads):\n"
         "        for msg in super().messages(scan, thread, threads):\n"
         "            if msg.header['frame_number'] == 1010 and msg.header['module'] == 2:\n"
         "                continue  # counted in plan(), never sent\n"
-        "            yield msg\n")
-    return {"PYTHONPATH": str(pkg)}
+        "            yield msg\n")})
 
 
 @pytest.mark.timeout(120)
