@@ -110,6 +110,14 @@ def test_cycle_is_reported():
     assert any("data cycle: back -> loop -> back" in p for p in found), found
 
 
+def test_aggregator_threads_must_pair_with_producer_replicas():
+    text = (Path(__file__).parents[2] / "topologies" / "4dcamera-local.yaml").read_text()
+    text = text.replace("threads: 4             # 1:1 with producer replicas", "threads: 3")
+    found = problems(text)
+    assert any(re.search(r"t.yaml:\d+:14: nodes.aggregator.threads: an aggregator needs one thread per producer "
+                         r"replica feeding it: 4, not 3", p) for p in found), found
+
+
 def test_load_topology_raises_with_all_problems(tmp_path):
     f = tmp_path / "t.yaml"
     f.write_text(GOOD.replace("plugin: checksum", "plugin: nope").replace("role: source", "role: source\n    threads: x"))

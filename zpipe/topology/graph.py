@@ -26,6 +26,7 @@ def check_graph(report: "Report", top: Topology | None, nodes: dict[str, NodeSpe
         _check_links(report, base, node, nodes, names)
     _check_ports(report, top, nodes)
     _check_cycles(report, nodes)
+    _check_thread_pairing(report, nodes)
 
 
 def _check_role_and_plugin(report: "Report", base, node: NodeSpec) -> None:
@@ -176,3 +177,19 @@ def _check_cycles(report: "Report", nodes: dict[str, NodeSpec]) -> None:
     for n in sorted(nodes):
         if n not in state:
             visit(n, [])
+
+
+def _check_thread_pairing(report: "Report", nodes: dict[str, NodeSpec]) -> None:
+    """An aggregator has one thread per producer replica feeding it (the paper's 1:1 pairing)."""
+    for name, node in nodes.items():
+        if node.role != "aggregator":
+            continue
+        feeding = 0
+        for other in nodes.values():
+            for sock in other.sockets.values():
+                peer, _, psock = (sock.connect or "").partition(".")
+                if peer == name and psock in node.sockets and other.role == "producer":
+                    feeding += other.replicas
+        if feeding and node.threads != feeding:
+            report.add(("nodes", name, "threads"),
+                       f"an aggregator needs one thread per producer replica feeding it: {feeding}, not {node.threads}")
