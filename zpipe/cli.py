@@ -1,4 +1,4 @@
-"""The `zpipe` command: validate, run, plugins, kv."""
+"""The `zpipe` command: validate, run, replay, status, plugins, kv."""
 
 from __future__ import annotations
 

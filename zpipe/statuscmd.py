@@ -1,0 +1,44 @@
+"""`zpipe status`: watch a running pipeline from any terminal, reading only its key-value store."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from rich.console import Console
+
+from zpipe.kv import KVClient
+from zpipe.view import Display, Tracker, render, to_json
+
+
+def run(args) -> int:
+    try:
+        # Only the subtrees the view reads: endpoints and flow keys would be traffic for nothing.
+        kv = KVClient(args.registry, subtrees=("status/", "scans/"), name="zpipe-status",
+                      connect_timeout=args.connect_timeout).start()
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"zpipe status: {exc}", file=sys.stderr)
+        return 2
+    try:
+        tracker = Tracker().attach(kv)
+        if args.json or args.once:
+            time.sleep(args.sample)  # the second snapshot: rates need two publications of each replica
+            picture = tracker.picture()
+            if args.json:
+                print(json.dumps({"registry": args.registry, **to_json(picture)}, indent=1, default=str))
+            else:
+                console = Console()
+                console.print(render(picture, f"registry {args.registry}", console.width))
+            return 0
+        console = Console()
+        display = Display(tracker, console, f"registry {args.registry}").start()
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            display.stop()
+    finally:
+        kv.close()
