@@ -106,7 +106,8 @@ class Assembler:
         data = self._batch_buf[:len(items)]
         for i, item in enumerate(items):
             data[i] = item.buffer
-            self._pool.append(item.buffer)
+            if len(self._pool) < self.batch * 2:  # keep a few buffers for reuse, not every one ever made
+                self._pool.append(item.buffer)
         return data, [it.header for it in items]
 
     @property

@@ -30,6 +30,11 @@ from zpipe.wire import BadMessage
 
 log = logging.getLogger("zpipe.nodegroup")
 QUEUE_DEPTH = 256  # parts waiting per worker; with the sockets' HWM this bounds memory
+# Frames a worker may hold waiting for their other parts. A receiver about to start one more
+# waits (holding its socket, so the HWM pushes back on the sector that runs ahead) until the
+# slower sectors catch up; after FLOW_TIMEOUT it goes on anyway, so a dead stream cannot stall it.
+IN_FLIGHT = 192
+FLOW_TIMEOUT = 2.0
 DRAIN = 256
 
 
@@ -47,7 +52,14 @@ def run(rt: NodeRuntime, _make_plugin) -> dict:
     in_name = rt.inputs()[0]
     ups = flow.upstreams(topo, rt.name, in_name)
     senders = sum(topo.nodes[u.node].replicas * topo.nodes[u.node].threads for u in ups)
-    per_thread = [sum(1 for k in range(senders) if k % spec.threads == t) for t in range(spec.threads)]
+    # Which receiving thread each upstream sending thread reaches (see producer and aggregator):
+    # a producer's threads all go to receiver (replica mod T), an aggregator's thread a to (a mod T).
+    per_thread = [0] * spec.threads
+    for u in ups:
+        up = topo.nodes[u.node]
+        for r in range(up.replicas):
+            for a in range(up.threads):
+                per_thread[(r if up.role == "producer" else a) % spec.threads] += 1
     group = NodeGroup(rt, in_name, senders, per_thread)
     return group.run()
 
@@ -61,6 +73,8 @@ class NodeGroup:
         self.meter = rt.meter
         self.meter.queue_max = QUEUE_DEPTH * rt.spec.workers
         self.queues = [queue.Queue(QUEUE_DEPTH) for _ in range(self.spec.workers)]
+        self.assemblers: list[dict[int, Assembler]] = [{} for _ in range(self.spec.workers)]  # per worker, by scan
+        self.in_flight = [0] * self.spec.workers  # frames each worker holds waiting for parts
         self.results: queue.Queue = queue.Queue()
         self.scans: dict[int, _ScanState] = {}
         self.finished: set[int] = set()
@@ -156,12 +170,30 @@ class NodeGroup:
             self.rejects.add(f"header has no integer {key!r}", sender)
             st.received[t] += 1
             return
+        self.hold_new_items(w, scan_id, header.get(key), st)
         self.put(w, ("part", scan_id, header, frames[1]), st)
         st.received[t] += 1  # after the put: once counts add up, every part is in a queue
         nbytes = len(frames[1])
         self.bytes[t] += nbytes
         self.meter.msgs_in += 1
         self.meter.bytes_in += nbytes
+
+    def hold_new_items(self, w: int, scan_id: int, key, st: _ScanState) -> None:
+        """Flow control across sectors: do not start a new frame while too many wait for parts."""
+        asm = self.assemblers[w].get(scan_id)
+        if asm is not None and key in asm.pending:
+            return  # this part completes a frame in flight: always welcome
+        waited = 0.0
+        while self.in_flight[w] + self.queues[w].qsize() >= IN_FLIGHT:
+            if waited >= FLOW_TIMEOUT:
+                self.meter.flow_overrides += 1
+                return
+            if self.rt.stop.is_set():
+                raise InterruptedError("stopped")
+            time.sleep(0.002)
+            waited += 0.002
+            self.meter.blocked_s += 0.002
+            st.last = time.monotonic()  # held back, not quiet
 
     def put(self, w: int, item, st: _ScanState | None = None) -> None:
         while True:
@@ -184,7 +216,7 @@ class NodeGroup:
             p = cls(cls.Params.model_validate(params))
             p.setup(ctx)
             plugins.append((name, p))
-        assemblers: dict[int, Assembler] = {}
+        assemblers: dict[int, Assembler] = self.assemblers[w]
         q = self.queues[w]
         while True:
             item = q.get()
@@ -203,6 +235,7 @@ class NodeGroup:
                 except BadMessage as exc:
                     self.rejects.add(str(exc), str(header.get("sender", "unknown sender")))
                     continue
+                self.in_flight[w] = sum(len(a.pending) for a in assemblers.values())
                 self.run_batches(asm, plugins, scan_id, force=False)
             elif item[0] == "flush":
                 scan_id = item[1]
@@ -219,6 +252,7 @@ class NodeGroup:
                 for name, p in plugins:
                     result["analyses"][name] = p.finish(Scan(scan_id)) or {}
                     result["results"][name] = p.results(Scan(scan_id))
+                self.in_flight[w] = sum(len(a.pending) for a in assemblers.values())
                 self.results.put((scan_id, w, result))
 
     def run_batches(self, asm: Assembler, plugins, scan_id: int, force: bool) -> None:

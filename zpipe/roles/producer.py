@@ -70,8 +70,9 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
     def make_sender(t: int):
         if t not in senders:
             if direct:
-                k = rt.replica * spec.threads + t
-                senders[t] = Router(rt, out, ng_node, f"{ng_sock}@{k % ng_threads}")
+                # All threads of one replica (one sector) reach the same receiving thread, so
+                # each of a node group's receivers carries whole sector streams (flow control).
+                senders[t] = Router(rt, out, ng_node, f"{ng_sock}@{rt.replica % ng_threads}")
             else:
                 sock = rt.connect_to(out, peer, f"{psock}@{rt.replica}")
                 sock.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT_S * 1000))
