@@ -80,6 +80,15 @@ class Assembler:
             item.header["missing"] = []
             self.ready.append(item)
 
+    def lagging(self, oldest: int = 32) -> int:
+        """Bit mask of the parts that the oldest items in flight still wait for."""
+        mask = 0
+        for i, item in enumerate(self.pending.values()):
+            if i == oldest:
+                break
+            mask |= self._full & ~item.seen
+        return mask
+
     def flush(self) -> None:
         """End of scan: everything still pending goes out, zero-filled where parts are missing."""
         rows = self.part_shape[0]

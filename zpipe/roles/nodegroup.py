@@ -35,6 +35,7 @@ QUEUE_DEPTH = 256  # parts waiting per worker; with the sockets' HWM this bounds
 # slower sectors catch up; after FLOW_TIMEOUT it goes on anyway, so a dead stream cannot stall it.
 IN_FLIGHT = 192
 FLOW_TIMEOUT = 2.0
+FLOW_STALL = 0.01  # seconds the worker may sit idle before a held receiver goes on
 DRAIN = 256
 
 
@@ -75,6 +76,7 @@ class NodeGroup:
         self.queues = [queue.Queue(QUEUE_DEPTH) for _ in range(self.spec.workers)]
         self.assemblers: list[dict[int, Assembler]] = [{} for _ in range(self.spec.workers)]  # per worker, by scan
         self.in_flight = [0] * self.spec.workers  # frames each worker holds waiting for parts
+        self.lagging = [0] * self.spec.workers  # bit mask: parts the oldest frames in flight wait for
         self.results: queue.Queue = queue.Queue()
         self.scans: dict[int, _ScanState] = {}
         self.finished: set[int] = set()
@@ -170,7 +172,7 @@ class NodeGroup:
             self.rejects.add(f"header has no integer {key!r}", sender)
             st.received[t] += 1
             return
-        self.hold_new_items(w, scan_id, header.get(key), st)
+        self.hold_new_items(w, scan_id, header.get(key), header.get(self.spec.assemble.part), st)
         self.put(w, ("part", scan_id, header, frames[1]), st)
         st.received[t] += 1  # after the put: once counts add up, every part is in a queue
         nbytes = len(frames[1])
@@ -178,14 +180,20 @@ class NodeGroup:
         self.meter.msgs_in += 1
         self.meter.bytes_in += nbytes
 
-    def hold_new_items(self, w: int, scan_id: int, key, st: _ScanState) -> None:
+    def hold_new_items(self, w: int, scan_id: int, key, part, st: _ScanState) -> None:
         """Flow control across sectors: do not start a new frame while too many wait for parts."""
         asm = self.assemblers[w].get(scan_id)
         if asm is not None and key in asm.pending:
             return  # this part completes a frame in flight: always welcome
-        waited = 0.0
+        if isinstance(part, int) and (self.lagging[w] >> part) & 1:
+            return  # frames in flight wait for this very sector: it is behind, not ahead
+        waited = idle = 0.0
         while self.in_flight[w] + self.queues[w].qsize() >= IN_FLIGHT:
-            if waited >= FLOW_TIMEOUT:
+            # Waiting only helps while the worker has parts to take: if it sits idle, the parts
+            # it needs are behind held messages (two producer threads share a sector's socket),
+            # so go on rather than deadlock. FLOW_TIMEOUT caps the wait whatever happens.
+            idle = idle + 0.002 if self.queues[w].qsize() == 0 else 0.0
+            if waited >= FLOW_TIMEOUT or idle >= FLOW_STALL:
                 self.meter.flow_overrides += 1
                 return
             if self.rt.stop.is_set():
@@ -236,6 +244,7 @@ class NodeGroup:
                     self.rejects.add(str(exc), str(header.get("sender", "unknown sender")))
                     continue
                 self.in_flight[w] = sum(len(a.pending) for a in assemblers.values())
+                self.lagging[w] = asm.lagging() if self.in_flight[w] >= IN_FLIGHT // 2 else 0
                 self.run_batches(asm, plugins, scan_id, force=False)
             elif item[0] == "flush":
                 scan_id = item[1]
