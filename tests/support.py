@@ -28,3 +28,20 @@ def third_party(where: Path, dist: str, version: str, entry_points: dict[str, st
     for module, code in (modules or {}).items():
         (where / f"{module}.py").write_text(code)
     return {"PYTHONPATH": str(where)}
+
+
+def steady_topology(tmp_path) -> str:
+    """The 4D-Camera pipeline held to a steady pace for some seconds: a slow analysis and short queues,
+    so that every replica, producers included, keeps moving while the test looks (no bursts, no early end)."""
+    text = (TOPOLOGIES / "4dcamera-local.yaml").read_text()
+    for old, new in (("scan_shape: [64, 64]", "scan_shape: [64, 64]\n      payload: constant"),
+                     ("- plugin: framesum", "- plugin: discard\n        params: {delay: 0.002}"),
+                     ("{pattern: push, connect: aggregator.in}", "{pattern: push, connect: aggregator.in, hwm: 10}"),
+                     ("in: {pattern: pull}", "in: {pattern: pull, hwm: 10}"),
+                     ("{pattern: push, connect: nodegroup.data}", "{pattern: push, connect: nodegroup.data, hwm: 10}"),
+                     ("data: {pattern: pull}", "data: {pattern: pull, hwm: 10}")):
+        assert old in text, old
+        text = text.replace(old, new)
+    f = tmp_path / "steady.yaml"
+    f.write_text(text)
+    return str(f)

@@ -12,26 +12,13 @@ import time
 
 import pytest
 
-from support import ROOT, TOPOLOGIES
+from support import ROOT, steady_topology
 
 SCAN = re.compile(r"^scan 1 streaming .*?([\d,]+)/(?:[\d,]+|\?)", re.M)
 ROWS = [*(f"producer[{i}]" for i in range(4)), "aggregator[0]", "nodegroup[0]", "nodegroup[1]"]
 
 
-def steady_topology(tmp_path) -> str:
-    """The 4D-Camera pipeline at a steady pace for some seconds (slow analysis, short queues)."""
-    text = (TOPOLOGIES / "4dcamera-local.yaml").read_text()
-    for old, new in (("scan_shape: [64, 64]", "scan_shape: [64, 64]\n      payload: constant"),
-                     ("- plugin: framesum", "- plugin: discard\n        params: {delay: 0.002}"),
-                     ("{pattern: push, connect: aggregator.in}", "{pattern: push, connect: aggregator.in, hwm: 10}"),
-                     ("in: {pattern: pull}", "in: {pattern: pull, hwm: 10}"),
-                     ("{pattern: push, connect: nodegroup.data}", "{pattern: push, connect: nodegroup.data, hwm: 10}"),
-                     ("data: {pattern: pull}", "data: {pattern: pull, hwm: 10}")):
-        assert old in text, old
-        text = text.replace(old, new)
-    f = tmp_path / "steady.yaml"
-    f.write_text(text)
-    return str(f)
+
 
 
 @pytest.fixture

@@ -8,19 +8,10 @@ import time
 import pytest
 import zmq
 
-from zpipe.kv import KVClient, KVServer
+from zpipe.kv import KVClient
 from zpipe.registry import Endpoint, Registry, reachable
 
 TTL = 1.0
-
-
-@pytest.fixture
-def server():
-    srv = KVServer("tcp://127.0.0.1:0", heartbeat=0.2).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -9,26 +9,9 @@ import time
 
 import pytest
 
-from support import TOPOLOGIES, zpipe
+from support import steady_topology, zpipe
 
 NODES = {("producer", i) for i in range(4)} | {("aggregator", 0), ("nodegroup", 0), ("nodegroup", 1)}
-
-
-def steady_topology(tmp_path) -> str:
-    """The 4D-Camera pipeline held to a steady pace for some seconds: a slow analysis and short queues,
-    so that every replica, producers included, keeps moving while the test looks (no bursts, no early end)."""
-    text = (TOPOLOGIES / "4dcamera-local.yaml").read_text()
-    for old, new in (("scan_shape: [64, 64]", "scan_shape: [64, 64]\n      payload: constant"),
-                     ("- plugin: framesum", "- plugin: discard\n        params: {delay: 0.002}"),
-                     ("{pattern: push, connect: aggregator.in}", "{pattern: push, connect: aggregator.in, hwm: 10}"),
-                     ("in: {pattern: pull}", "in: {pattern: pull, hwm: 10}"),
-                     ("{pattern: push, connect: nodegroup.data}", "{pattern: push, connect: nodegroup.data, hwm: 10}"),
-                     ("data: {pattern: pull}", "data: {pattern: pull, hwm: 10}")):
-        assert old in text, old
-        text = text.replace(old, new)
-    f = tmp_path / "steady.yaml"
-    f.write_text(text)
-    return str(f)
 
 
 def status_json(registry: str) -> dict:

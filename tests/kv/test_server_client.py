@@ -12,15 +12,6 @@ from zpipe.kv import KVClient, KVServer
 
 
 @pytest.fixture
-def server():
-    srv = KVServer("tcp://127.0.0.1:0", heartbeat=0.2).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
 def connect(server):
     """Factory for started clients of ``server``; all closed at teardown."""
     made: list[KVClient] = []
