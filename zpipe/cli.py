@@ -51,6 +51,10 @@ def cmd_replay(args) -> int:
     from zpipe.replay import ReplayError, replay_topology, write_topology
     from zpipe.topology.load import check_file
 
+    if not os.path.isdir(args.directory):
+        print(f"zpipe replay: {args.directory}: no such directory", file=sys.stderr)
+        return 2
+
     topo, problems = check_file(args.topology)
     if problems:
         for p in problems:

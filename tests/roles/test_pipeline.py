@@ -227,3 +227,10 @@ def test_bad_messages_are_rejected_counted_and_logged_once(tmp_path):
     assert "from intruder: header has no integer 'scan'" in stderr
     assert "from intruder: unknown scan 999" in stderr
     assert stderr.count("payload of 100 bytes; a part is 165888") == 1
+
+
+@pytest.mark.timeout(30)
+def test_replay_of_a_missing_directory_says_so_before_starting_anything(tmp_path):
+    res = zpipe("replay", str(tmp_path / "nowhere"), "--topology", str(TOPOLOGIES / "4dcamera-local.yaml"), timeout=25)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"zpipe replay: {tmp_path / 'nowhere'}: no such directory"
