@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 
 import zmq
 
+from zpipe import wire
 from zpipe.kv import KVClient
 from zpipe.registry import Endpoint, Follower, Registry, reachable
 from zpipe.status import Meter, Publisher, WarningsToMeter
@@ -157,6 +157,22 @@ class NodeRuntime:
         iface = self.host_spec.bind or self.host_spec.address
         return f"tcp://{iface}:{spec.port or 0}"
 
+    def send(self, sock: zmq.Socket, msg, refresh=None) -> None:
+        """Send a message, blocking at the high-water mark (never dropping), but still answering stop.
+
+        The socket needs a send timeout; `refresh` follows peer replicas while we wait, and only
+        the thread owning the sockets may pass it.
+        """
+        while True:
+            try:
+                wire.send(sock, msg)
+                return
+            except zmq.Again:
+                if self.stop.is_set():
+                    raise InterruptedError("stopped while sending") from None
+                if refresh:
+                    refresh()
+
     def inputs(self, patterns=("pull", "sub")) -> list[str]:
         return [n for n, s in self.spec.sockets.items() if s.pattern in patterns]
 
@@ -187,11 +203,3 @@ class NodeRuntime:
                 pass
         self.kv.close()
 
-
-def wait_until(predicate, timeout: float, stop: threading.Event, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if stop.is_set() or time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True

@@ -15,8 +15,6 @@ from typing import Any
 
 from zpipe.kv import KVClient
 
-STATUSES = ("announced", "streaming", "fallback", "processing", "writing", "done", "failed")
-
 
 def key(scan: int) -> str:
     return f"scans/{scan}"

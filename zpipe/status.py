@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 PREFIX = "status/"
-STATES = ("starting", "idle", "streaming", "processing", "writing", "done", "failed", "stopping")
 
 
 class Meter:
@@ -23,7 +22,7 @@ class Meter:
 
     def __init__(self, node: str, replica: int, role: str, host: str, pid: int):
         self.node, self.replica, self.role, self.host, self.pid = node, replica, role, host, pid
-        self.state = "starting"
+        self.state = "starting"  # idle, streaming, processing, writing, done, failed, stopping
         self.scan: int | None = None
         self.msgs_in = self.bytes_in = self.msgs_out = self.bytes_out = 0
         self.blocked_s = 0.0  # time spent waiting on a full queue downstream

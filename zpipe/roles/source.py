@@ -16,22 +16,6 @@ log = logging.getLogger("zpipe.source")
 SEND_TIMEOUT_MS = 100  # how often a blocked sender looks up from a full queue to check for stop
 
 
-def _send_blocking(rt: NodeRuntime, sock: zmq.Socket, msg, refresh) -> None:
-    """Send, blocking at the high-water mark (never dropping), but still answering stop.
-
-    `refresh` follows peer replicas while we wait; only the thread owning the sockets may pass it.
-    """
-    while True:
-        try:
-            wire.send(sock, msg)
-            return
-        except zmq.Again:
-            if rt.stop.is_set():
-                raise InterruptedError("stopped while sending") from None
-            if refresh:
-                refresh()
-
-
 def run(rt: NodeRuntime, make_plugin) -> dict:
     spec = rt.spec
     outs = rt.outputs()
@@ -136,7 +120,7 @@ def _send_thread(rt: NodeRuntime, plugin: Source, scan: Scan, thread: int, threa
     n = nbytes = 0
     for msg in plugin.messages(scan, thread, threads):
         for sock in socks.values():
-            _send_blocking(rt, sock, msg, refresh)
+            rt.send(sock, msg, refresh)
         n += 1
         nbytes += msg.nbytes
         rt.meter.msgs_out += 1

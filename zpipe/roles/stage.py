@@ -57,14 +57,7 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
     def emit(st: _ScanState, produced) -> None:
         for msg in produced or ():
             for name, sock in zip(out_names, outs):
-                while True:
-                    try:
-                        wire.send(sock, msg)
-                        break
-                    except zmq.Again:
-                        if rt.stop.is_set():
-                            raise InterruptedError("stopped while sending") from None
-                        rt.refresh()
+                rt.send(sock, msg, rt.refresh)
                 st.sent[name] = st.sent.get(name, 0) + 1
                 rt.meter.msgs_out += 1
                 rt.meter.bytes_out += msg.nbytes
