@@ -55,6 +55,11 @@ class Link:
         return bool(appeared)
 
 
+# What a node reads from the store. Not `status/`: every node publishes there a few times a
+# second for viewers, and a node that took them all would spend CPU on every other node's status.
+NODE_SUBTREES = ("endpoints/", "scans/", "flow/", "totals/", "results/", "failures/")
+
+
 class NodeRuntime:
     def __init__(self, topology: Topology, node: str, replica: int, host: str, registry_address: str,
                  *, output_dir: str = ".", resolve_timeout: float = 30.0):
@@ -67,7 +72,7 @@ class NodeRuntime:
         self.mpi = None  # the MPI communicator when this replica is an MPI rank (see zpipe.mpirun)
         self.stop = threading.Event()
         self.ctx = zmq.Context()
-        self.kv = KVClient(registry_address, name=f"{node}[{replica}]").start()
+        self.kv = KVClient(registry_address, NODE_SUBTREES, name=f"{node}[{replica}]").start()
         self.registry = Registry(self.kv)
         self.meter = Meter(node, replica, self.spec.role, host, os.getpid())
         logging.getLogger().addHandler(WarningsToMeter(self.meter))
