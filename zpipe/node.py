@@ -85,9 +85,14 @@ def run_replica(topology, node: str, replica: int, host: str, registry: str, out
         rt.meter.state = "done"
         drain = True
         return 0
-    except InterruptedError:
+    except InterruptedError as exc:
         rt.meter.state = "stopping"
-        return 0 if rt.stop.is_set() else 1
+        stopped = rt.stop.is_set()
+        # Say so: a replica that leaves early must never look like one that finished.
+        logging.getLogger("zpipe.node").log(logging.INFO if stopped else logging.ERROR, "%s[%d] stopped (%s)%s",
+                                            node, replica, exc or "interrupted",
+                                            "" if stopped else "\n" + traceback.format_exc())
+        return 0 if stopped else 1
     except Exception:
         tb = traceback.format_exc()
         sys.stderr.write(tb)
