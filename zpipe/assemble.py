@@ -3,7 +3,9 @@
 Parts of one item arrive in any order, through different threads, mixed with other items.
 An item is complete when all its parts are in; at the end of a scan the incomplete ones go
 out too, missing parts zero-filled and named, after the complete ones (as stempy does).
-Memory is bounded by the items in flight, which the queues in front of us bound.
+Parts are held by reference (zero-copy receive buffers), not copied into frames: the one
+copy happens when an analysis asks for the batch's stacked data. Memory is bounded by the
+items in flight, which the node group's flow control bounds.
 """
 
 from __future__ import annotations
@@ -19,23 +21,25 @@ from zpipe.wire import BadMessage
 
 @dataclass
 class _Item:
-    buffer: np.ndarray
+    parts: list  # per part number: its payload (a buffer, held, never copied) or None
     header: dict[str, Any]
     seen: int = 0  # bit mask of parts that arrived
 
 
 @dataclass
 class Assembler:
+    """Not thread-safe: the node group holds its worker's lock around every call."""
+
     spec: AssembleSpec
     batch: int
-    pending: dict[int, _Item] = field(default_factory=dict)
+    pending: dict[int, _Item] = field(default_factory=dict)  # waiting for parts, in order of first arrival
+    stale: dict[int, _Item] = field(default_factory=dict)  # waiting for parts whose streams moved on: lost, likely
     ready: list[_Item] = field(default_factory=list)
     incomplete: list[_Item] = field(default_factory=list)
     key_range: tuple[int, int] | None = None  # (first, count) when the source said which keys to expect
     seen: "KeySet" = None  # every key that showed at least one part
     done_complete: int = 0
     done_incomplete: int = 0
-    _pool: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.seen = KeySet(self.key_range)
@@ -44,10 +48,14 @@ class Assembler:
         self.part_bytes = int(np.prod(self.part_shape)) * self.dtype.itemsize
         self.item_shape = (self.spec.parts * self.part_shape[0], *self.part_shape[1:])
         self._full = (1 << self.spec.parts) - 1
-        self._batch_buf = np.empty((self.batch, *self.item_shape), self.dtype)
+        self.newest = [None] * self.spec.parts  # per part number, the highest key it came with
+        self._batch_buf: np.ndarray | None = None  # made when an analysis first asks for stacked data
 
-    def add(self, header: dict[str, Any], payload) -> None:
-        """Place one part; raises BadMessage (and changes nothing) if it does not fit."""
+    def add(self, header: dict[str, Any], payload) -> bool:
+        """Place one part (kept by reference, not copied); True if it completed its item.
+
+        Raises BadMessage (and changes nothing) if the part does not fit.
+        """
         spec = self.spec
         try:
             key = int(header[spec.key])
@@ -63,47 +71,65 @@ class Assembler:
             raise BadMessage(f"payload of {view.nbytes} bytes; a part is {self.part_bytes} "
                              f"({'x'.join(map(str, self.part_shape))} {self.dtype.name})")
         item = self.pending.get(key)
-        if item is None and key in self.seen:
-            raise BadMessage(f"{spec.part} {part} of {spec.key} {key}, which was already complete")
         if item is None:
+            item = self.stale.get(key)  # a late part of an item given up for lost: still welcome
+        if item is None:
+            if key in self.seen:
+                raise BadMessage(f"{spec.part} {part} of {spec.key} {key}, which was already complete")
             self.seen.add(key)
-            buf = self._pool.pop() if self._pool else np.empty(self.item_shape, self.dtype)
-            item = self.pending[key] = _Item(buf, {k: v for k, v in header.items() if k != spec.part})
+            header = dict(header)
+            del header[spec.part]
+            item = self.pending[key] = _Item([None] * spec.parts, header)
         elif item.seen & (1 << part):
             raise BadMessage(f"duplicate {spec.part} {part} of {spec.key} {key}")
-        rows = self.part_shape[0]
-        item.buffer[part * rows:(part + 1) * rows] = np.frombuffer(view, self.dtype).reshape(self.part_shape)
+        item.parts[part] = view
         item.seen |= 1 << part
-        if item.seen == self._full:
-            del self.pending[key]
-            item.header["complete"] = True
-            item.header["missing"] = []
-            self.ready.append(item)
+        newest = self.newest[part]
+        if newest is None or key > newest:
+            self.newest[part] = key
+        if item.seen != self._full:
+            return False
+        if self.pending.pop(key, None) is None:
+            del self.stale[key]
+        item.header["complete"] = True
+        item.header["missing"] = []
+        self.ready.append(item)
+        return True
 
-    def lagging(self, oldest: int = 32) -> int:
-        """Bit mask of the parts that the oldest items in flight still wait for."""
-        mask = 0
-        for i, item in enumerate(self.pending.values()):
-            if i == oldest:
-                break
-            mask |= self._full & ~item.seen
-        return mask
+    def frontier(self, gap: int) -> int | None:
+        """The key of the oldest item still worth waiting for, or None when none waits.
+
+        An item whose every missing part has come with keys `gap` or more beyond it
+        (its streams moved on) is set aside as stale, probably lost upstream: it stays
+        completable, but no longer holds the frontier back.
+        """
+        pending = self.pending
+        while pending:
+            key = next(iter(pending))
+            item = pending[key]
+            missing = self._full & ~item.seen
+            p = 0
+            while missing:
+                if missing & 1 and (self.newest[p] is None or self.newest[p] < key + gap):
+                    return key
+                missing >>= 1
+                p += 1
+            self.stale[key] = pending.pop(key)
+        return None
 
     def flush(self) -> None:
-        """End of scan: everything still pending goes out, zero-filled where parts are missing."""
-        rows = self.part_shape[0]
-        for key in sorted(self.pending):
-            item = self.pending[key]
-            missing = [p for p in range(self.spec.parts) if not item.seen & (1 << p)]
-            for p in missing:
-                item.buffer[p * rows:(p + 1) * rows] = 0
+        """End of scan: everything still pending goes out, missing parts named (and zero-filled when stacked)."""
+        waiting = {**self.pending, **self.stale}
+        for key in sorted(waiting):
+            item = waiting[key]
             item.header["complete"] = False
-            item.header["missing"] = missing
+            item.header["missing"] = [p for p in range(self.spec.parts) if not item.seen & (1 << p)]
             self.incomplete.append(item)
         self.pending.clear()
+        self.stale.clear()
 
-    def take(self, force: bool = False) -> tuple[np.ndarray, list[dict[str, Any]]] | None:
-        """A batch of finished items (complete ones first), or None if fewer than `batch` wait and not `force`."""
+    def take(self, force: bool = False) -> list[_Item] | None:
+        """Up to `batch` finished items (complete ones first), or None if fewer than `batch` wait and not `force`."""
         source = self.ready if self.ready else self.incomplete
         if not source or (len(source) < self.batch and not force and source is self.ready):
             return None
@@ -112,16 +138,26 @@ class Assembler:
             self.done_complete += len(items)
         else:
             self.done_incomplete += len(items)
-        data = self._batch_buf[:len(items)]
+        return items
+
+    def stack(self, items: list[_Item]) -> np.ndarray:
+        """The items' parts, one copy, into a buffer reused batch after batch: `out[i]` is `items[i]`."""
+        if self._batch_buf is None:
+            self._batch_buf = np.empty((self.batch, *self.item_shape), self.dtype)
+        out = self._batch_buf[:len(items)]
+        rows = self.part_shape[0]
         for i, item in enumerate(items):
-            data[i] = item.buffer
-            if len(self._pool) < self.batch * 2:  # keep a few buffers for reuse, not every one ever made
-                self._pool.append(item.buffer)
-        return data, [it.header for it in items]
+            for p, part in enumerate(item.parts):
+                dest = out[i, p * rows:(p + 1) * rows]
+                if part is None:
+                    dest[...] = 0
+                else:
+                    dest[...] = np.frombuffer(part, self.dtype).reshape(self.part_shape)
+        return out
 
     @property
     def in_flight(self) -> int:
-        return len(self.pending) + len(self.ready) + len(self.incomplete)
+        return len(self.pending) + len(self.stale) + len(self.ready) + len(self.incomplete)
 
 
 class KeySet:

@@ -78,3 +78,10 @@ def scans_announced(kv: KVClient, ups: list[Upstream]) -> set[int]:
             if last.isdigit():
                 ids.add(int(last))
     return ids
+
+
+def first_sent(kv: KVClient, scan: int) -> float | None:
+    """When the scan's first message left any sender (wall clock), from the senders' records."""
+    times = [rec["first_sent"] for key, rec in kv.items(PREFIX).items()
+             if key.endswith(f"/{scan}") and isinstance(rec, dict) and rec.get("first_sent")]
+    return min(times) if times else None

@@ -8,7 +8,7 @@ process and thread that will use it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -132,20 +132,37 @@ class Stage(Plugin[P]):
         return None
 
 
-@dataclass
 class Batch:
     """Assembled items of one scan, stacked: `data[i]` is the item whose header is `headers[i]`.
 
     Each header carries the first part's fields plus `complete` (all parts arrived) and
     `missing` (the part numbers that did not, zero-filled in `data`).
+
+    `data` is stacked from the received parts when it is first asked for (one copy; an
+    analysis that only reads headers costs none) into a buffer the node group reuses: it is
+    valid during `process` only, so copy what you keep.
     """
 
-    scan: Scan
-    data: np.ndarray
-    headers: list[dict[str, Any]]
+    __slots__ = ("scan", "headers", "_data", "_stack")
+
+    def __init__(self, scan: Scan, data: np.ndarray | None = None, headers: list[dict[str, Any]] | None = None,
+                 stack: Callable[[], np.ndarray] | None = None):
+        if data is None and stack is None:
+            raise ValueError("a Batch needs its data or a way to stack it")
+        self.scan, self.headers = scan, headers if headers is not None else []
+        self._data, self._stack = data, stack
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            self._data, self._stack = self._stack(), None
+        return self._data
 
     def __len__(self) -> int:
         return len(self.headers)
+
+    def __repr__(self) -> str:
+        return f"Batch(scan={self.scan.id}, items={len(self)})"
 
     @property
     def complete(self) -> np.ndarray:

@@ -29,6 +29,7 @@ class Router:
         self.socks: dict[int, zmq.Socket] = {}
         self.addresses: dict[int, str] = {}
         self.gone: set[int] = set()
+        self._missing_since: dict[int, float] = {}  # try_send: replicas found unregistered, since when
         self.refresh()
 
     def refresh(self) -> None:
@@ -74,6 +75,27 @@ class Router:
                 if now - waited_since > GONE_GRACE:
                     raise Undeliverable(f"{self.node}[{replica}].{self.socket} is not registered")
                 time.sleep(0.01)
+
+    def try_send(self, replica: int, frames) -> bool:
+        """Send to `replica` if its queue has room now; False if it is full (try again later).
+
+        Undeliverable once the replica has been unregistered for GONE_GRACE seconds.
+        """
+        sock = self.socks.get(replica)
+        if sock is not None and replica not in self.gone:
+            self._missing_since.pop(replica, None)
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)  # HWM is checked on the first part only
+                return True
+            except zmq.Again:
+                return False
+        self.refresh()
+        if replica in self.socks and replica not in self.gone:
+            return False
+        since = self._missing_since.setdefault(replica, time.monotonic())
+        if time.monotonic() - since > GONE_GRACE:
+            raise Undeliverable(f"{self.node}[{replica}].{self.socket} is not registered")
+        return False
 
     def close(self, linger_ms: int) -> None:
         for sock in self.socks.values():

@@ -47,7 +47,7 @@ def wait_record(kv: KVClient, scan: int, timeout: float) -> dict:
 
 
 def empty_report(node_group: str = "") -> dict[str, Any]:
-    return {"node_group": node_group, "expected": 0, "received": 0, "rejected": 0, "complete": 0,
+    return {"node_group": node_group, "expected": 0, "received": 0, "bytes": 0, "rejected": 0, "complete": 0,
             "incomplete": 0, "missing_parts": {}, "missing_items": [], "undeliverable": 0,
             "timed_out": False, "analyses": {}}
 
@@ -66,9 +66,14 @@ def add_reports(reports: list[dict]) -> dict[str, Any]:
     total = empty_report("total")
     total["node_groups"] = [r.get("node_group", "") for r in reports]
     for r in reports:
-        for f in ("expected", "received", "rejected", "complete", "incomplete", "undeliverable"):
+        for f in ("expected", "received", "rejected", "complete", "incomplete", "undeliverable", "bytes"):
             total[f] += r.get(f, 0)
+        for f, pick in (("first_received", min), ("processed", max)):  # wall-clock times
+            if r.get(f) is not None:
+                total[f] = pick(total[f], r[f]) if total.get(f) is not None else r[f]
         total["timed_out"] |= bool(r.get("timed_out"))
+        if r.get("flow"):  # per node group: how often flow control held a sector back
+            total.setdefault("flow", {})[r.get("node_group", "")] = r["flow"]
         total["missing_parts"].update(r.get("missing_parts", {}))
         total["missing_items"].extend(r.get("missing_items", []))
         for name, figures in r.get("analyses", {}).items():
@@ -93,6 +98,9 @@ def write_json(path: str, data: dict) -> str:
 def summary_line(scan: int, total: dict, seconds: float | None = None) -> str:
     lost = total.get("lost_parts", 0)
     took = f" in {seconds:.2f} s" if seconds is not None else ""
+    streamed = total.get("streaming_seconds")
+    if streamed and total.get("bytes"):
+        took += f" (streamed {total['bytes'] / 1e9:.2f} GB in {streamed:.2f} s, {total['bytes'] / 1e9 / streamed:.2f} GB/s)"
     parts = [f"scan {scan}{took}: expected {total['expected']:,}, received {total['received']:,}",
              f"{total['complete']:,} complete + {total['incomplete']:,} incomplete items"]
     if lost:

@@ -42,7 +42,9 @@ def test_scan_completes_with_every_frame(tmp_path, name):
     assert r["complete"] == 256 and r["incomplete"] == 0 and r["ok"]
     assert r["analyses"]["framesum"]["frames"] == 256
     assert sorted(r["node_groups"]) == ["nodegroup[0]", "nodegroup[1]"]
-    assert re.search(r"scan 1 in [\d.]+ s: expected 1,024, received 1,024; 256 complete \+ 0 incomplete", res.stdout)
+    assert re.search(r"scan 1 in [\d.]+ s \(streamed 0\.17 GB in [\d.]+ s, [\d.]+ GB/s\): "
+                     r"expected 1,024, received 1,024; 256 complete \+ 0 incomplete", res.stdout)
+    assert 0 < r["streaming_seconds"] <= r["seconds"] and r["bytes"] == 1024 * 144 * 576 * 2
 
 
 @pytest.mark.timeout(150)

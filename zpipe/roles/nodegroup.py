@@ -1,11 +1,14 @@
 """The node group role: receive parts, assemble items, run the analyses, and account for every scan.
 
-Receiver threads (one socket each, 1:1 with upstream sending threads) hand parts to
-worker threads by item key, through bounded queues, so a slow analysis slows the senders
-instead of growing memory. A scan ends when every upstream sender's expected count has
-arrived and as many messages came in, or, if that never happens, `scan_timeout` seconds
-after the scan went quiet; either way the incomplete items are processed too, and the
-report names what is missing.
+Receiver threads (one socket each, 1:1 with upstream sending threads) place each part
+straight into its item, held by reference (zero-copy), in the lane of the worker that owns
+the item's key; workers take complete items in batches and run the analyses. Two limits
+keep memory bounded by settings, not by the scan: complete items waiting for a worker
+(READY_MAX: receivers block, and the sockets' HWM slows the senders), and items waiting for
+their other parts (IN_FLIGHT: see `hold`). A scan ends when every upstream sender's expected
+count has arrived and as many messages came in, or, if that never happens, `scan_timeout`
+seconds after the scan went quiet; either way the incomplete items are processed too, and
+the report names what is missing.
 """
 
 from __future__ import annotations
@@ -29,14 +32,22 @@ from zpipe.runtime import NodeRuntime
 from zpipe.wire import BadMessage
 
 log = logging.getLogger("zpipe.nodegroup")
-QUEUE_DEPTH = 256  # parts waiting per worker; with the sockets' HWM this bounds memory
-# Frames a worker may hold waiting for their other parts. A receiver about to start one more
-# waits (holding its socket, so the HWM pushes back on the sector that runs ahead) until the
-# slower sectors catch up; after FLOW_TIMEOUT it goes on anyway, so a dead stream cannot stall it.
+READY_MAX = 64  # complete items waiting for a worker, per worker
+# Items a worker's lane may hold waiting for their other parts (see must_wait): a part that
+# would start an item further ahead parks its socket (whose HWM then pushes back on the sector
+# that runs ahead) until the slower sectors catch up. Should nothing complete for FLOW_STALL
+# seconds while it waits, or after FLOW_TIMEOUT, it goes on: a safety net, counted in the status.
 IN_FLIGHT = 192
-FLOW_TIMEOUT = 2.0
-FLOW_STALL = 0.01  # seconds the worker may sit idle before a held receiver goes on
+FLOW_TIMEOUT = 5.0
+FLOW_STALL = 0.05
+PARTIAL_AFTER = 0.05  # seconds a worker waits for a full batch before it takes fewer (slow streams)
 DRAIN = 256
+PARK_POLL_MS = 2  # how often parked parts are looked at again
+# After a pass that found fewer than COALESCE messages, the receiver sleeps COALESCE_S before
+# polling again: at most that much latency, for far fewer wake-ups per message.
+COALESCE = 8
+COALESCE_S = 0.001
+_unpack = msgpack.unpackb
 
 
 @dataclass
@@ -45,7 +56,44 @@ class _ScanState:
     infos: int = 0
     expected: int = 0
     last: float = field(default_factory=time.monotonic)
+    first_received: float | None = None  # wall clock, for the report's streaming time
+    held: int = 0  # parts parked by flow control
+    overrides: int = 0  # parked parts let go by the safety net, not by the rule
+    max_pending: int = 0  # most items that waited for parts at once, in one lane
+    node_groups: int = 1  # of the scan
+    stride: int = 1  # keys between neighbours in one worker's lane: node groups x workers
     received: list[int] = field(default_factory=list)  # per receiver thread, written only by it
+    bytes: list[int] = field(default_factory=list)  # payload bytes, likewise
+
+
+@dataclass(slots=True)
+class _Part:
+    """A received data part on its way into an item; it waits here while flow control holds its socket."""
+
+    t: int  # the receiving socket
+    frames: list
+    header: dict
+    scan_id: int
+    sender: str
+    st: _ScanState
+    lane: "_Lane"
+    key: int
+    part: object
+    since: float = 0.0  # parked at
+    still: float = 0.0  # last time an item completed while parked
+    progress: int = 0
+
+
+class _Lane:
+    """One worker's share of the items: its assemblers (by scan), guarded by one condition."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.assemblers: dict[int, Assembler] = {}
+        self.closed: set[int] = set()  # scans flushed: a late part is rejected, not assembled
+        self.flushes: list[int] = []  # scans the worker is to close
+        self.completed = 0  # items completed so far: flow control's sign of progress
+        self.ready = 0  # complete items not yet taken by the worker
 
 
 def run(rt: NodeRuntime, _make_plugin) -> dict:
@@ -72,17 +120,15 @@ class NodeGroup:
         self.label = f"{rt.name}[{rt.replica}]"
         self.rejects = Rejects(f"{self.label}.{in_name}", rt.meter)
         self.meter = rt.meter
-        self.meter.queue_max = QUEUE_DEPTH * rt.spec.workers
-        self.queues = [queue.Queue(QUEUE_DEPTH) for _ in range(self.spec.workers)]
-        self.assemblers: list[dict[int, Assembler]] = [{} for _ in range(self.spec.workers)]  # per worker, by scan
-        self.in_flight = [0] * self.spec.workers  # frames each worker holds waiting for parts
-        self.lagging = [0] * self.spec.workers  # bit mask: parts the oldest frames in flight wait for
+        self.meter.queue_max = READY_MAX * rt.spec.workers
+        self.lanes = [_Lane() for _ in range(self.spec.workers)]
         self.results: queue.Queue = queue.Queue()
         self.scans: dict[int, _ScanState] = {}
         self.finished: set[int] = set()
         self.unknown: dict[int, float] = {}  # scan id -> when we last found no record for it
         self.lock = threading.Lock()
         self.errors: list[BaseException] = []
+        self.stopping = False
         self.ends = [0] * self.spec.threads
         self.bytes = [0] * self.spec.threads  # per receiver thread, written only by it
         self.messages = 0
@@ -98,27 +144,60 @@ class NodeGroup:
         with self.lock:
             st = self.scans.get(scan_id)
             if st is None:
-                st = self.scans[scan_id] = _ScanState(scan_id, received=[0] * self.spec.threads)
+                ngs = len((self.rt.kv.get(scans.key(scan_id)) or {}).get("node_groups") or [0])
+                st = self.scans[scan_id] = _ScanState(scan_id, received=[0] * self.spec.threads,
+                                                        bytes=[0] * self.spec.threads, node_groups=ngs,
+                                                        stride=ngs * len(self.lanes))
             return st
 
-    def receive(self, t: int) -> None:
-        sock = self.rt.bind_per_thread(self.in_name, t)
+    def receive(self) -> None:
+        """One thread serves every receiving socket; a part that must wait parks its socket alone.
+
+        Per message the thread only decodes a small header and files a buffer away, so one
+        thread keeps up with several GB/s; more would only take turns at the GIL. A parked
+        socket is not read (its HWM pushes back on the sender that runs ahead) while the
+        others go on, so the parts the waiting items need keep coming.
+        """
+        socks = [self.rt.bind_per_thread(self.in_name, t) for t in range(self.spec.threads)]
+        index = {s: t for t, s in enumerate(socks)}
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        key = self.spec.assemble.key
-        workers = self.spec.workers
+        for sock in socks:
+            poller.register(sock, zmq.POLLIN)
+        parked: dict[int, _Part] = {}
+        again, noblock = zmq.Again, zmq.NOBLOCK
+        want = sum(self.per_thread)
         try:
-            while self.ends[t] < self.per_thread[t] and not self.rt.stop.is_set():
-                if not poller.poll(100):
-                    continue
-                for _ in range(DRAIN):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self.take(t, frames, key, workers)
+            got = 0
+            while sum(self.ends) < want and not self.rt.stop.is_set():
+                if len(parked) == len(socks) or 0 < got < COALESCE:
+                    # Every socket parked (polling nothing would not wait), or a trickle: let a few
+                    # messages gather rather than wake for each one (CPU, on a loaded machine).
+                    time.sleep(COALESCE_S)
+                got = 0
+                for sock, _ in poller.poll(PARK_POLL_MS if parked else 100) if len(parked) < len(socks) else ():
+                    t, recv = index[sock], sock.recv
+                    for _ in range(DRAIN):
+                        try:
+                            head = recv(noblock, copy=False)
+                        except again:
+                            break
+                        frames = [head]
+                        while frames[-1].more:  # set from the message itself: no getsockopt per part
+                            frames.append(recv(copy=False))
+                        got += 1
+                        part = self.take(t, frames)
+                        if part is not None:
+                            parked[t] = part
+                            poller.unregister(sock)
+                            break
+                if parked:
+                    now = time.monotonic()
+                    for t in [t for t, part in parked.items() if self.retry(part, now)]:
+                        del parked[t]
+                        poller.register(socks[t], zmq.POLLIN)
         finally:
-            sock.close(linger=0)
+            for sock in socks:
+                sock.close(linger=0)
 
     def known(self, scan_id: int) -> bool:
         """A scan exists once its first producer announced it; give the record a moment to arrive."""
@@ -133,9 +212,10 @@ class NodeGroup:
             time.sleep(0.01)
         return True
 
-    def take(self, t: int, frames, key: str, workers: int) -> None:
+    def take(self, t: int, frames) -> "_Part | None":
+        """Account for one message; a data part goes into its item now, or comes back to wait (parked)."""
         try:
-            header = msgpack.unpackb(frames[0].buffer, raw=False)
+            header = _unpack(frames[0].buffer, raw=False)
             kind = header.get("type", "data")
         except Exception as exc:
             self.rejects.add(f"header is not a msgpack map ({exc.__class__.__name__})")
@@ -152,68 +232,113 @@ class NodeGroup:
         if scan_id in self.finished:
             self.rejects.add(f"message for scan {scan_id}, which has ended", sender)
             return
-        if scan_id not in self.scans and not self.known(scan_id):
-            self.rejects.add(f"unknown scan {scan_id} (no record at {scans.key(scan_id)})", sender)
-            return
-        st = self.state(scan_id)
+        st = self.scans.get(scan_id)
+        if st is None:
+            if not self.known(scan_id):
+                self.rejects.add(f"unknown scan {scan_id} (no record at {scans.key(scan_id)})", sender)
+                return
+            st = self.state(scan_id)
         st.last = time.monotonic()
         if kind == "info":
             with self.lock:
                 st.infos += 1
                 st.expected += int(header["expected"])
             return
+        if st.first_received is None:
+            st.first_received = time.time()
         if len(frames) != 2:
             self.rejects.add(f"expected 2 frames (header, payload), got {len(frames)}", sender)
             st.received[t] += 1  # it was sent and counted upstream: it arrived, it was just bad
-            return
+            return None
+        key = self.spec.assemble.key
         try:
-            w = int(header[key]) % workers
+            k = int(header[key])
+            w = (k // st.node_groups) % len(self.lanes)  # keys come to us 1 in node_groups
         except (KeyError, TypeError, ValueError):
             self.rejects.add(f"header has no integer {key!r}", sender)
             st.received[t] += 1
-            return
-        self.hold_new_items(w, scan_id, header.get(key), header.get(self.spec.assemble.part), st)
-        self.put(w, ("part", scan_id, header, frames[1]), st)
-        st.received[t] += 1  # after the put: once counts add up, every part is in a queue
-        nbytes = len(frames[1])
-        self.bytes[t] += nbytes
+            return None
+        part = _Part(t, frames, header, scan_id, sender, st, self.lanes[w], k,
+                     header.get(self.spec.assemble.part))
+        if self.must_wait(part):
+            st.held += 1
+            part.since = part.still = time.monotonic()
+            part.progress = part.lane.completed
+            return part
+        self.place(part)
+        return None
+
+    def place(self, p: _Part) -> None:
+        """Put one part into its item (by reference), in the lane of the worker that owns the item's key."""
+        lane, st = p.lane, p.st
+        with lane.cond:
+            asm = lane.assemblers.get(p.scan_id)
+            if asm is None and p.scan_id not in lane.closed:
+                asm = lane.assemblers[p.scan_id] = self.assembler(p.scan_id)
+            try:
+                if asm is None:
+                    raise BadMessage(f"message for scan {p.scan_id}, which has ended")
+                if asm.add(p.header, p.frames[1].buffer):
+                    lane.completed += 1
+                    lane.ready += 1
+                    if len(asm.ready) >= self.spec.batch:
+                        lane.cond.notify_all()
+                elif len(asm.pending) > st.max_pending:
+                    st.max_pending = len(asm.pending)
+            except BadMessage as exc:
+                self.rejects.add(str(exc), p.sender)
+        st.received[p.t] += 1  # counted once placed (or rejected): when the counts add up, every part is in
+        nbytes = len(p.frames[1])
+        self.bytes[p.t] += nbytes
+        st.bytes[p.t] += nbytes
         self.meter.msgs_in += 1
         self.meter.bytes_in += nbytes
 
-    def hold_new_items(self, w: int, scan_id: int, key, part, st: _ScanState) -> None:
-        """Flow control across sectors: do not start a new frame while too many wait for parts."""
-        asm = self.assemblers[w].get(scan_id)
-        if asm is not None and key in asm.pending:
-            return  # this part completes a frame in flight: always welcome
-        if isinstance(part, int) and (self.lagging[w] >> part) & 1:
-            return  # frames in flight wait for this very sector: it is behind, not ahead
-        waited = idle = 0.0
-        while self.in_flight[w] + self.queues[w].qsize() >= IN_FLIGHT:
-            # Waiting only helps while the worker has parts to take: if it sits idle, the parts
-            # it needs are behind held messages (two producer threads share a sector's socket),
-            # so go on rather than deadlock. FLOW_TIMEOUT caps the wait whatever happens.
-            idle = idle + 0.002 if self.queues[w].qsize() == 0 else 0.0
-            if waited >= FLOW_TIMEOUT or idle >= FLOW_STALL:
-                self.meter.flow_overrides += 1
-                return
-            if self.rt.stop.is_set():
-                raise InterruptedError("stopped")
-            time.sleep(0.002)
-            waited += 0.002
-            self.meter.blocked_s += 0.002
-            st.last = time.monotonic()  # held back, not quiet
+    def must_wait(self, p: _Part) -> bool:
+        """Flow control: wait while the worker is behind, or while this part's item is too far ahead.
 
-    def put(self, w: int, item, st: _ScanState | None = None) -> None:
-        while True:
-            try:
-                self.queues[w].put(item, timeout=0.1)
-                return
-            except queue.Full:
-                self.meter.blocked_s += 0.1
-                if self.rt.stop.is_set():
-                    raise InterruptedError("stopped") from None
-                if st is not None:
-                    st.last = time.monotonic()  # busy, not quiet: the workers are behind
+        "Too far" is measured in keys (frame numbers), which order every stream the same way:
+        a part may start a new item only within `window` keys of the oldest item still waiting
+        for parts. Every node group holds by the same rule, so a sector held here can never wait,
+        through a shared upstream thread, on a sector held by another node group: the one held
+        is always the furthest ahead. Items whose missing parts' streams moved `window` beyond
+        them are stale (lost upstream, most likely) and do not hold the window back.
+        """
+        lane = p.lane
+        if lane.ready >= READY_MAX:
+            return True  # the worker is behind: wait for it, however long it takes
+        asm = lane.assemblers.get(p.scan_id)
+        if asm is None or p.key in asm.pending or p.key in asm.stale or len(asm.pending) < IN_FLIGHT // 2:
+            return False  # a new scan, a part an item waits for, or plenty of room
+        window = IN_FLIGHT * p.st.stride
+        with lane.cond:
+            frontier = asm.frontier(window)
+        return frontier is not None and p.key >= frontier + window
+
+    def retry(self, p: _Part, now: float) -> bool:
+        """Place a parked part if it may go now; True once it went."""
+        lane = p.lane
+        if not self.must_wait(p):
+            self.meter.blocked_s += now - p.since
+            self.place(p)
+            return True
+        if lane.ready < READY_MAX:  # held for the items in flight, not for the worker
+            if lane.completed != p.progress:
+                p.progress, p.still = lane.completed, now
+            elif now - p.still >= FLOW_STALL or now - p.since >= FLOW_TIMEOUT:
+                # Nothing completes while it waits: what the items need is queued behind a parked
+                # part (one socket carries several senders). Go on rather than deadlock.
+                self.meter.flow_overrides += 1
+                p.st.overrides += 1
+                self.meter.blocked_s += now - p.since
+                self.place(p)
+                return True
+        p.st.last = now  # held back, not quiet
+        return False
+
+    def assembler(self, scan_id: int) -> Assembler:
+        keys = ((self.rt.kv.get(scans.key(scan_id)) or {}).get("meta") or {}).get("keys")
+        return Assembler(self.spec.assemble, self.spec.batch, key_range=tuple(keys) if keys else None)
 
     # -- working -------------------------------------------------------------------------------
     def work(self, w: int) -> None:
@@ -224,52 +349,67 @@ class NodeGroup:
             p = cls(cls.Params.model_validate(params))
             p.setup(ctx)
             plugins.append((name, p))
-        assemblers: dict[int, Assembler] = self.assemblers[w]
-        q = self.queues[w]
+        lane = self.lanes[w]
+        begun: set[int] = set()
         while True:
-            item = q.get()
-            if item is None:
+            job = self.next_job(lane)
+            if job is None:
                 return
-            if item[0] == "part":
-                _, scan_id, header, frame = item
-                asm = assemblers.get(scan_id)
-                if asm is None:
-                    keys = ((self.rt.kv.get(scans.key(scan_id)) or {}).get("meta") or {}).get("keys")
-                    asm = assemblers[scan_id] = Assembler(spec.assemble, spec.batch, key_range=tuple(keys) if keys else None)
-                    for _, p in plugins:
-                        p.begin(Scan(scan_id))
-                try:
-                    asm.add(header, frame.buffer)
-                except BadMessage as exc:
-                    self.rejects.add(str(exc), str(header.get("sender", "unknown sender")))
-                    continue
-                self.in_flight[w] = sum(len(a.pending) for a in assemblers.values())
-                self.lagging[w] = asm.lagging() if self.in_flight[w] >= IN_FLIGHT // 2 else 0
-                self.run_batches(asm, plugins, scan_id, force=False)
-            elif item[0] == "flush":
-                scan_id = item[1]
-                asm = assemblers.pop(scan_id, None)
-                result = {"complete": 0, "incomplete": 0, "missing_parts": {}, "analyses": {}}
-                if asm is not None:
-                    asm.flush()
-                    result["missing_parts"] = {str(it.header[spec.assemble.key]): it.header["missing"]
-                                               for it in asm.incomplete}
-                    result["seen"] = asm.seen
-                    self.run_batches(asm, plugins, scan_id, force=True)
-                    result["complete"], result["incomplete"] = asm.done_complete, asm.done_incomplete
-                result["results"] = {}
-                for name, p in plugins:
-                    result["analyses"][name] = p.finish(Scan(scan_id)) or {}
-                    result["results"][name] = p.results(Scan(scan_id))
-                self.in_flight[w] = sum(len(a.pending) for a in assemblers.values())
-                self.results.put((scan_id, w, result))
+            scan_id, asm, items = job
+            if scan_id not in begun:
+                begun.add(scan_id)
+                for _, p in plugins:
+                    p.begin(Scan(scan_id))
+            if items is not None:
+                self.process(asm, plugins, scan_id, items)
+            else:
+                self.close_scan(lane, asm, plugins, scan_id, w)
+                begun.discard(scan_id)
 
-    def run_batches(self, asm: Assembler, plugins, scan_id: int, force: bool) -> None:
-        while (taken := asm.take(force)) is not None:
-            data, headers = taken
-            batch = Batch(Scan(scan_id), data, headers)
-            for _, p in plugins:
-                p.process(batch)
+    def next_job(self, lane: _Lane):
+        """(scan, assembler, items) to process, (scan, assembler or None, None) to close a scan, None to stop."""
+        with lane.cond:
+            waited = False
+            while not self.stopping:
+                if lane.flushes:
+                    scan_id = lane.flushes.pop(0)
+                    lane.closed.add(scan_id)
+                    asm = lane.assemblers.pop(scan_id, None)
+                    if asm is not None:
+                        asm.flush()
+                        lane.ready -= len(asm.ready)
+                    lane.cond.notify_all()
+                    return scan_id, asm, None
+                for scan_id, asm in lane.assemblers.items():
+                    # A full batch, or after a quiet spell whatever is complete: slow streams move too.
+                    items = asm.take(force=False) or (asm.take(force=True) if waited and asm.ready else None)
+                    if items:
+                        lane.ready -= len(items)
+                        lane.cond.notify_all()  # room for receivers held on READY_MAX
+                        return scan_id, asm, items
+                waited = not lane.cond.wait(PARTIAL_AFTER)
+            return None
+
+    def process(self, asm: Assembler, plugins, scan_id: int, items) -> None:
+        batch = Batch(Scan(scan_id), headers=[it.header for it in items], stack=lambda: asm.stack(items))
+        for _, p in plugins:
+            p.process(batch)
+
+    def close_scan(self, lane: _Lane, asm: Assembler | None, plugins, scan_id: int, w: int) -> None:
+        spec = self.spec
+        result = {"complete": 0, "incomplete": 0, "missing_parts": {}, "analyses": {}, "results": {}}
+        if asm is not None:  # the lane's lock is not needed: the scan is closed, no receiver adds to it
+            result["missing_parts"] = {str(it.header[spec.assemble.key]): it.header["missing"]
+                                       for it in asm.incomplete}
+            result["seen"] = asm.seen
+            while (items := asm.take(force=True)) is not None:
+                self.process(asm, plugins, scan_id, items)
+            result["complete"], result["incomplete"] = asm.done_complete, asm.done_incomplete
+        for name, p in plugins:
+            result["analyses"][name] = p.finish(Scan(scan_id)) or {}
+            result["results"][name] = p.results(Scan(scan_id))
+        result["processed"] = time.time()
+        self.results.put((scan_id, w, result))
 
     # -- the scan's end ------------------------------------------------------------------------
     def check_scans(self) -> None:
@@ -277,7 +417,7 @@ class NodeGroup:
         with self.lock:
             open_scans = [s for s in self.scans.values() if s.id not in self.finished]
         meter = self.meter
-        meter.queue = sum(q.qsize() for q in self.queues)
+        meter.queue = sum(lane.ready for lane in self.lanes)
         if open_scans:
             meter.state, meter.scan = "streaming", open_scans[-1].id
         for st in open_scans:
@@ -301,12 +441,16 @@ class NodeGroup:
         if ngs and ngs[0] == rt.replica:
             scans.update(rt.kv, st.id, status="processing")
         self.meter.state = "processing"
-        for w in range(spec.workers):
-            self.put(w, ("flush", st.id))
+        for lane in self.lanes:
+            with lane.cond:
+                lane.flushes.append(st.id)
+                lane.cond.notify_all()
         parts = [self.results.get() for _ in range(spec.workers)]
         report = scans.empty_report(self.label)
         report.update(expected=st.expected, received=sum(st.received), timed_out=timed_out,
-                      infos=st.infos, senders=self.senders)
+                      infos=st.infos, senders=self.senders, bytes=sum(st.bytes), first_received=st.first_received,
+                      flow={"held": st.held, "overrides": st.overrides, "max_pending": st.max_pending},
+                      processed=max(r["processed"] for _, _, r in parts))
         keys = (rec.get("meta") or {}).get("keys")
         seen = KeySet(tuple(keys) if keys else None)
         for _, _, r in parts:
@@ -351,6 +495,9 @@ class NodeGroup:
         total = scans.add_reports([reports[k] for k in sorted(reports)])
         seconds = time.time() - rec.get("started", time.time())
         total["seconds"] = seconds
+        first = flow.first_sent(rt.kv, scan_id) or total.get("first_received")
+        if first and total.get("processed"):  # first message sent to last item processed: the stream's own time
+            total["streaming_seconds"] = total["processed"] - first
         total["outputs"] = {}
         if gathered:
             scans.update(rt.kv, scan_id, status="writing")
@@ -380,8 +527,7 @@ class NodeGroup:
 
         workers = [threading.Thread(target=guarded, args=(self.work, w), name=f"work-{w}", daemon=True)
                    for w in range(spec.workers)]
-        receivers = [threading.Thread(target=guarded, args=(self.receive, t), name=f"recv-{t}", daemon=True)
-                     for t in range(spec.threads)]
+        receivers = [threading.Thread(target=guarded, args=(self.receive,), name="recv", daemon=True)]
         for th in (*workers, *receivers):
             th.start()
         try:
@@ -395,11 +541,10 @@ class NodeGroup:
                         break
                 time.sleep(0.02)
         finally:
-            for w in range(spec.workers):
-                try:
-                    self.queues[w].put(None, timeout=1.0)
-                except queue.Full:
-                    pass
+            self.stopping = True
+            for lane in self.lanes:
+                with lane.cond:
+                    lane.cond.notify_all()
             for th in (*receivers, *workers):
                 th.join(timeout=5.0)
         if self.errors:

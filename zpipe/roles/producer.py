@@ -18,7 +18,7 @@ import time
 import msgpack
 import zmq
 
-from zpipe import flow, scan as scans, wire
+from zpipe import flow, scan as scans
 from zpipe.plugin import Context, Scan, Source
 from zpipe.routing import Router, Undeliverable
 from zpipe.runtime import NodeRuntime
@@ -88,10 +88,12 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
             rt.meter.state = "writing"
             counts = _fallback(rt, plugins, sc, rec)
         else:
-            counts = _in_threads(rt, plugins, lambda t, p: _stream(rt, p, sc, t, ngs, direct, make_sender))
+            pace = _Pace(len(plugins))
+            counts = _in_threads(rt, plugins, lambda t, p: _stream(rt, p, sc, t, ngs, direct, make_sender, pace))
         sent = {out: counts["messages"]}
         flow.publish(rt.kv, rt.name, rt.replica, sc.id, done=True, sent=sent, bytes=counts["bytes"],
-                     seconds=time.perf_counter() - t0, fallback=not ngs)
+                     seconds=time.perf_counter() - t0, fallback=not ngs,
+                     first_sent=counts.get("first_sent"), last_sent=counts.get("last_sent"))
         for k in ("messages", "bytes", "undeliverable"):
             totals[k] += counts.get(k, 0)
         totals["scans"] += 1
@@ -141,8 +143,15 @@ def _in_threads(rt: NodeRuntime, plugins, work) -> dict:
         raise errors[0]
     total: collections.Counter = collections.Counter()
     for r in results:
-        total.update(r)
-    return dict(total)
+        total.update({k: v for k, v in r.items() if k not in _WHEN})
+    out = dict(total)
+    for k, pick in _WHEN.items():  # wall-clock times: the earliest first, the latest last
+        times = [r[k] for r in results if r.get(k) is not None]
+        out[k] = pick(times) if times else None
+    return out
+
+
+_WHEN = {"first_sent": min, "last_sent": max}
 
 
 def _send(rt: NodeRuntime, sock: zmq.Socket, frames) -> None:
@@ -156,7 +165,36 @@ def _send(rt: NodeRuntime, sock: zmq.Socket, frames) -> None:
                 raise InterruptedError("stopped while sending") from None
 
 
-def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], direct: bool, make_sender) -> dict:
+class _Pace:
+    """Keeps a replica's sending threads within DRIFT messages of each other.
+
+    The threads' streams meet on one socket downstream, so their sum is what a node group
+    sees of this sector; kept in step, that stream stays in frame order within a small
+    slack, which the node groups' flow control relies on (see nodegroup.must_wait), as a
+    detector's own readout does. A thread that has sent everything stops counting.
+    """
+
+    DRIFT = 96  # node groups hold a sector back 192 frames per worker ahead: well above this
+    CHECK = 8  # messages between looks
+
+    def __init__(self, threads: int):
+        self.sent = [0] * threads
+
+    def step(self, t: int, n: int, stop) -> None:
+        self.sent[t] = n
+        if n - min(self.sent) <= self.DRIFT:
+            return
+        while n - min(self.sent) > self.DRIFT // 2:  # let the others catch up well, not just back to the line
+            if stop.is_set():
+                raise InterruptedError("stopped while sending")
+            time.sleep(0.001)
+
+    def done(self, t: int) -> None:
+        self.sent[t] = float("inf")
+
+
+def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], direct: bool, make_sender,
+            pace: _Pace) -> dict:
     route = rt.spec.route or rt.topology.nodes[downstream(rt.topology, rt.name, rt.outputs()[0])[0]].route
     n = len(ngs)
     sender_id = f"{rt.name}[{rt.replica}]/{t}"
@@ -167,6 +205,7 @@ def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], d
     if rt.replica == 0 and t == 0:
         scans.update(rt.kv, sc.id, status="streaming")
     messages = nbytes = lost = 0
+    first_sent = None
     if direct:
         for g in ngs:
             sender.send(g, [_pack({**info, "expected": counts.get(g, 0)})])
@@ -184,11 +223,17 @@ def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], d
                 continue
         else:
             _send(rt, sender, frames)
+        if first_sent is None:
+            first_sent = time.time()
         messages += 1
+        if messages % pace.CHECK == 0 and len(pace.sent) > 1:
+            pace.step(t, messages, rt.stop)
         nbytes += msg.nbytes
         rt.meter.msgs_out += 1
         rt.meter.bytes_out += msg.nbytes
-    return {"messages": messages, "bytes": nbytes, "undeliverable": lost}
+    pace.done(t)
+    return {"messages": messages, "bytes": nbytes, "undeliverable": lost,
+            "first_sent": first_sent, "last_sent": time.time() if first_sent is not None else None}
 
 
 def _send_end(rt: NodeRuntime, t: int, direct: bool, make_sender) -> None:
