@@ -247,7 +247,7 @@ def _group(name):
     return "kv agent" if base.endswith("]") else base  # the KV client's thread is named after the node
 
 
-def _timed_run(self, _run=threading.Thread.run):
+def _timed_run(self, _run=threading.Thread._bootstrap_inner):  # subclasses that override run() too
     try:
         _run(self)
     finally:
@@ -321,7 +321,7 @@ def _profile():
 
 
 if _DIR:
-    threading.Thread.run = _timed_run  # per-thread CPU without a profiler's overhead
+    threading.Thread._bootstrap_inner = _timed_run  # per-thread CPU without a profiler's overhead
     atexit.register(_report)
     if _label().startswith("nodegroup["):
         _watch_assembly()
@@ -388,6 +388,35 @@ def run_zpipe(topology: Path, workdir: Path, hook_dir: Path, profile: str | None
 
 
 # -- printing ------------------------------------------------------------------------------------
+
+
+def print_status_cost(on: list[dict], off: list[dict]) -> None:
+    """Status publishing's cost in CPU, which bounds its cost in throughput on a CPU-bound machine.
+
+    Throughput on a shared 2-core machine swings by more than the 2 % to be shown; CPU time
+    by thread does not. With status on: every process's publisher thread ("status"), plus what
+    the runner (registry server, view) and the nodes' KV agents spend beyond their median
+    with status off; as a share of all the pipeline's CPU with status on.
+    """
+    def threads(runs, name, procs=lambda lab: True):
+        return [sum(p["threads"].get(name, 0.0) for lab, p in r["procs"].items() if procs(lab)) for r in runs]
+
+    def cpu(runs, procs=lambda lab: True):
+        return [sum(p["cpu"] for lab, p in r["procs"].items() if procs(lab)) for r in runs]
+
+    if not all(r.get("procs") for r in on + off):
+        print("status publishing's CPU: not measured (a run did not report its processes)")
+        return
+    runner = lambda lab: lab == "runner"  # noqa: E731
+    publishers = med(threads(on, "status"))
+    runner_extra = med(cpu(on, runner)) - med(cpu(off, runner))
+    agents_extra = med(threads(on, "kv agent")) - med(threads(off, "kv agent"))
+    total = med(cpu(on))
+    cost = publishers + max(runner_extra, 0.0) + max(agents_extra, 0.0)
+    print(f"status publishing's CPU: {1e3 * cost:.0f} ms of the pipeline's {total:.1f} s = {100 * cost / total:.2f} % "
+          f"(publisher threads {1e3 * publishers:.0f} ms; runner, i.e. registry server and view, "
+          f"{1e3 * runner_extra:+.0f} ms; nodes' KV agents {1e3 * agents_extra:+.0f} ms; medians of the runs above). "
+          f"On 2 busy cores a CPU share is a throughput share: {'within' if cost / total <= 0.02 else 'ABOVE'} 2 %.")
 
 
 def med(values):
@@ -514,6 +543,7 @@ def main() -> int:
         on, off = gbps["zpipe aggregator"], gbps["zpipe agg. status off"]
         print(f"status publishing (every 0.5 s) costs {100 * (off - on) / off:+.1f} % of the aggregator topology's "
               f"throughput ({on:.2f} GB/s with, {off:.2f} GB/s without; target within 2 %; runs interleaved)")
+        print_status_cost(runs["zpipe aggregator"], runs["zpipe agg. status off"])
         print("x raw: median GB/s / the raw relay chain's (the issue's baseline); x same shape: / the raw chain "
               "with as many tcp hops.\nstream s (GB/s's time): raw: first send to last receive; zpipe: the report's "
               "streaming_seconds, first message sent to last frame processed (assembled, analysed, accounted).\n"
