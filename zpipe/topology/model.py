@@ -76,7 +76,14 @@ class AssembleSpec(Strict):
 
 
 class NodeSpec(Strict):
-    """A node of the graph: `replicas` processes of one role, each with `threads` worker threads."""
+    """A node of the graph: `replicas` processes of one role.
+
+    `threads` is the process's parallel streams: sending threads for a producer or source;
+    channels (a socket each, 1:1 with producer replicas) for an aggregator; receiving sockets
+    (1:1 with the aggregator's channels) for a node group. The aggregator and the node group
+    serve all their sockets from one thread, which costs less than threads taking turns at
+    the GIL; `workers` are the node group's analysis threads.
+    """
 
     role: str
     plugin: str | None = None
@@ -85,7 +92,7 @@ class NodeSpec(Strict):
                               "downstream replicas picks the one a message goes to")
     assemble: AssembleSpec | None = None
     analyses: list[AnalysisSpec] = Field(default_factory=list)
-    workers: int = Field(1, ge=1, le=256, description="node group: threads that assemble and analyse")
+    workers: int = Field(1, ge=1, le=256, description="node group: threads that run the analyses")
     batch: int = Field(16, ge=1, le=4096, description="node group: items per batch handed to analyses")
     scan_timeout: float = Field(10.0, gt=0, description="seconds of silence after which a scan is "
                                 "finished with what arrived")
@@ -95,7 +102,8 @@ class NodeSpec(Strict):
                                  "to register before it goes to `fallback`")
     host: Name = "localhost"
     replicas: int = Field(1, ge=1, le=4096)
-    threads: int = Field(1, ge=1, le=1024)
+    threads: int = Field(1, ge=1, le=1024, description="parallel streams: sending threads, or channels / "
+                                                             "receiving sockets (aggregator, node group)")
     sockets: dict[Name, SocketSpec] = Field(default_factory=dict)
 
 
