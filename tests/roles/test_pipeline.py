@@ -157,7 +157,9 @@ def test_slow_stage_loses_nothing_and_producer_memory_stays_flat(tmp_path):
         samples: dict[int, list[int]] = {}
         try:
             while proc.poll() is None:
-                for child in psutil.Process(proc.pid).children(recursive=True):
+                # The runner's own children only: a producer's short-lived child (a fork about to
+                # exec `uname`, say) carries the producer's command line until it execs.
+                for child in psutil.Process(proc.pid).children():
                     try:
                         if "--node producer " in " ".join(child.cmdline()):
                             samples.setdefault(child.pid, []).append(child.memory_info().rss)
