@@ -19,17 +19,13 @@ import msgpack
 import zmq
 
 from zpipe import flow, scan as scans
+from zpipe.inbox import Inbox
 from zpipe.roles.producer import downstream
 from zpipe.routing import Router, Undeliverable
 from zpipe.runtime import NodeRuntime
 
 log = logging.getLogger("zpipe.aggregator")
 _pack = msgpack.Packer(use_bin_type=True).pack
-DRAIN = 256  # messages taken per pass before looking up (stop, registry changes)
-# After a pass that found fewer than COALESCE messages, sleep COALESCE_S before polling again:
-# at most a millisecond of latency, for far fewer wake-ups (and GIL hand-offs) per message.
-COALESCE = 8
-COALESCE_S = 0.001
 HELD_POLL_MS = 1  # how often held channels try again
 
 
@@ -91,12 +87,8 @@ class _Channel:
 
 
 class _Relay:
-    """One thread relays every channel: pull, decode the header, push to the node group it picks.
-
-    A channel whose node group has no room is held (not read, so its HWM slows that producer
-    alone) while the others go on: the same back-pressure as a blocking thread per channel,
-    without the threads taking turns at the GIL on every message.
-    """
+    """One thread relays every channel (see zpipe.inbox): pull, decode the header, push to the
+    node group it picks; a channel whose node group has no room is held while the others go on."""
 
     def __init__(self, rt: NodeRuntime, channels: list[_Channel], producer_threads: int, route: str,
                  rejects: Rejects):
@@ -104,66 +96,40 @@ class _Relay:
         self.route, self.rejects = route, rejects
         self.node_groups: dict[int, list[int]] = {}
         self.me = f"{rt.name}[{rt.replica}]"
+        self.open = len(channels)  # channels whose producers have not all sent their end
 
     def run(self) -> None:
-        rt, meter = self.rt, self.rt.meter
-        meter.state = "streaming"
-        poller = zmq.Poller()
-        by_sock = {ch.pull: ch for ch in self.channels}
-        for ch in self.channels:
-            poller.register(ch.pull, zmq.POLLIN)
-        held: list[_Channel] = []
-        open_channels = len(self.channels)
-        drained = 0
-        while open_channels:
-            if rt.stop.is_set():
-                raise InterruptedError("stopped")
-            if len(held) == len(self.channels) or 0 < drained < COALESCE:
-                time.sleep(COALESCE_S)  # all held, or a trickle: let a few messages gather
-            drained = 0
-            events = poller.poll(HELD_POLL_MS if held else 100) if len(held) < len(self.channels) else []
-            if not events and not held:
-                for ch in self.channels:
-                    ch.router.refresh()
-            for sock, _ in events:
-                ch = by_sock[sock]
-                for _ in range(DRAIN):
-                    try:
-                        head = sock.recv(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    frames = [head]
-                    while frames[-1].more:
-                        frames.append(sock.recv(copy=False))
-                    drained += 1
-                    if self.take(ch, frames):
-                        open_channels -= 1
-                    if ch.held is not None:
-                        held.append(ch)
-                        poller.unregister(sock)
-                        break
-            now = time.monotonic()
-            for ch in [ch for ch in held if self.resend(ch, now)]:
-                held.remove(ch)
-                poller.register(ch.pull, zmq.POLLIN)
+        rt = self.rt
+        rt.meter.state = "streaming"
 
-    def take(self, ch: _Channel, frames) -> bool:
-        """Relay one message (or hold it); True when this channel has seen its producers' last end."""
+        def refresh() -> None:
+            for ch in self.channels:
+                ch.router.refresh()
+
+        Inbox([ch.pull for ch in self.channels]).serve(
+            self.take, self.resend, lambda: self.open > 0 and not rt.stop.is_set(),
+            park_poll_ms=HELD_POLL_MS, idle=refresh)
+        if rt.stop.is_set():
+            raise InterruptedError("stopped")
+
+    def take(self, t: int, frames) -> _Channel | None:
+        """Relay one message from channel t; the channel, to hold, if its node group has no room."""
+        ch = self.channels[t]
         try:
             header = msgpack.unpackb(frames[0].buffer, raw=False)
             kind = header.get("type", "data")
             scan_id = int(header["scan"]) if kind != "end" else -1
         except Exception as exc:
             self.rejects.add(f"bad header ({exc.__class__.__name__}: {exc})")
-            return False
+            return None
         me = f"{self.me}/{ch.t}"
         if kind == "end":
             ch.ends += 1
             if ch.ends == self.producer_threads:
                 for g in ch.router.replicas():
                     ch.router.send(g, [_pack({"type": "end", "sender": me})])
-                return True
-            return False
+                self.open -= 1
+            return None
         if kind == "info":
             got = ch.infos.setdefault(scan_id, [])
             got.append(header)
@@ -171,7 +137,7 @@ class _Relay:
             if len(got) == self.producer_threads:
                 _forward_info(ch.router, scan_id, got, me, ch.totals)
                 del ch.infos[scan_id]
-            return False
+            return None
         ngs = self.node_groups.get(scan_id)
         if ngs is None:
             ngs = self.node_groups[scan_id] = scans.wait_record(self.rt.kv, scan_id, 10.0)["node_groups"]
@@ -179,12 +145,11 @@ class _Relay:
             target = ngs[int(header[self.route]) % len(ngs)]
         except (KeyError, TypeError, ValueError):
             self.rejects.add(f"no integer {self.route!r} to route by", str(header.get("sender", "unknown sender")))
-            return False
+            return None
         self.rt.meter.msgs_in += 1
         self.rt.meter.bytes_in += len(frames[-1])
         ch.held = (target, frames, time.monotonic())
-        self.resend(ch, ch.held[2])
-        return False
+        return None if self.resend(ch, ch.held[2]) else ch
 
     def resend(self, ch: _Channel, now: float) -> bool:
         """Try the held message again; True once it went (or was counted undeliverable)."""

@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass, field
 
 import msgpack
-import zmq
 
 from zpipe import catalog, flow, scan as scans
 from zpipe.assemble import Assembler, KeySet
 from zpipe.gather import MpiGather, ZmqGather
+from zpipe.inbox import Inbox
 from zpipe.plugin import Analysis, Batch, Context, Scan
 from zpipe.roles.aggregator import Rejects
 from zpipe.runtime import NodeRuntime
@@ -41,12 +41,7 @@ IN_FLIGHT = 192
 FLOW_TIMEOUT = 5.0
 FLOW_STALL = 0.05
 PARTIAL_AFTER = 0.05  # seconds a worker waits for a full batch before it takes fewer (slow streams)
-DRAIN = 256
 PARK_POLL_MS = 2  # how often parked parts are looked at again
-# After a pass that found fewer than COALESCE messages, the receiver sleeps COALESCE_S before
-# polling again: at most that much latency, for far fewer wake-ups per message.
-COALESCE = 8
-COALESCE_S = 0.001
 _unpack = msgpack.unpackb
 
 
@@ -159,42 +154,10 @@ class NodeGroup:
         others go on, so the parts the waiting items need keep coming.
         """
         socks = [self.rt.bind_per_thread(self.in_name, t) for t in range(self.spec.threads)]
-        index = {s: t for t, s in enumerate(socks)}
-        poller = zmq.Poller()
-        for sock in socks:
-            poller.register(sock, zmq.POLLIN)
-        parked: dict[int, _Part] = {}
-        again, noblock = zmq.Again, zmq.NOBLOCK
         want = sum(self.per_thread)
         try:
-            got = 0
-            while sum(self.ends) < want and not self.rt.stop.is_set():
-                if len(parked) == len(socks) or 0 < got < COALESCE:
-                    # Every socket parked (polling nothing would not wait), or a trickle: let a few
-                    # messages gather rather than wake for each one (CPU, on a loaded machine).
-                    time.sleep(COALESCE_S)
-                got = 0
-                for sock, _ in poller.poll(PARK_POLL_MS if parked else 100) if len(parked) < len(socks) else ():
-                    t, recv = index[sock], sock.recv
-                    for _ in range(DRAIN):
-                        try:
-                            head = recv(noblock, copy=False)
-                        except again:
-                            break
-                        frames = [head]
-                        while frames[-1].more:  # set from the message itself: no getsockopt per part
-                            frames.append(recv(copy=False))
-                        got += 1
-                        part = self.take(t, frames)
-                        if part is not None:
-                            parked[t] = part
-                            poller.unregister(sock)
-                            break
-                if parked:
-                    now = time.monotonic()
-                    for t in [t for t, part in parked.items() if self.retry(part, now)]:
-                        del parked[t]
-                        poller.register(socks[t], zmq.POLLIN)
+            Inbox(socks).serve(self.take, self.retry, lambda: sum(self.ends) < want and not self.rt.stop.is_set(),
+                               park_poll_ms=PARK_POLL_MS)
         finally:
             for sock in socks:
                 sock.close(linger=0)
