@@ -56,7 +56,6 @@ class _ScanState:
     overrides: int = 0  # parked parts let go by the safety net, not by the rule
     max_pending: int = 0  # most items that waited for parts at once, in one lane
     node_groups: int = 1  # of the scan
-    stride: int = 1  # keys between neighbours in one worker's lane: node groups x workers
     received: list[int] = field(default_factory=list)  # per receiver thread, written only by it
     bytes: list[int] = field(default_factory=list)  # payload bytes, likewise
 
@@ -141,8 +140,7 @@ class NodeGroup:
             if st is None:
                 ngs = len((self.rt.kv.get(scans.key(scan_id)) or {}).get("node_groups") or [0])
                 st = self.scans[scan_id] = _ScanState(scan_id, received=[0] * self.spec.threads,
-                                                        bytes=[0] * self.spec.threads, node_groups=ngs,
-                                                        stride=ngs * len(self.lanes))
+                                                        bytes=[0] * self.spec.threads, node_groups=ngs)
             return st
 
     def receive(self) -> None:
@@ -273,7 +271,7 @@ class NodeGroup:
         asm = lane.assemblers.get(p.scan_id)
         if asm is None or p.key in asm.pending or p.key in asm.stale or len(asm.pending) < IN_FLIGHT // 2:
             return False  # a new scan, a part an item waits for, or plenty of room
-        window = IN_FLIGHT * p.st.stride
+        window = IN_FLIGHT * p.st.node_groups * len(self.lanes)  # keys in a lane are this far apart
         with lane.cond:
             frontier = asm.frontier(window)
         return frontier is not None and p.key >= frontier + window
