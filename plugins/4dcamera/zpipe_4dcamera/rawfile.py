@@ -8,6 +8,7 @@ import re
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -60,7 +61,21 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-class SectorFileWriter:
+class _ClosedOrAborted:
+    """`with` a writer: closed (files final) when the block ends well, aborted (nothing left
+    under a final name) when it raises."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SectorFileWriter(_ClosedOrAborted):
     """Appends one module's records to files that appear under their final names only on close().
 
     Files are written as hidden ``.<name>.partial`` and all renamed in close(),
@@ -195,15 +210,6 @@ class SectorFileWriter:
             "missing_positions": np.flatnonzero(seen == 0).tolist(),
         }
 
-    def __enter__(self) -> SectorFileWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def write_manifest(directory: Path | str, scan_number: int, scan_shape: tuple[int, int], modules: list[dict]) -> Path:
     """Atomically write the scan's manifest from the modules' close() summaries."""
@@ -245,7 +251,7 @@ def read_manifest(directory: Path | str, scan_number: int) -> dict:
     return json.loads(manifest_path(directory, scan_number).read_text())
 
 
-class ScanWriter:
+class ScanWriter(_ClosedOrAborted):
     """The four module writers of one scan plus its manifest, for single-process use."""
 
     def __init__(self, directory: Path | str, scan_number: int, scan_shape: tuple[int, int], **writer_options):
@@ -266,15 +272,6 @@ class ScanWriter:
     def abort(self) -> None:
         for w in self.writers:
             w.abort()
-
-    def __enter__(self) -> ScanWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def scan_files(directory: Path | str | Iterable[Path | str], scan_number: int) -> list[Path]:
