@@ -56,15 +56,14 @@ class _ScanState:
     overrides: int = 0  # parked parts let go by the safety net, not by the rule
     max_pending: int = 0  # most items that waited for parts at once, in one lane
     node_groups: int = 1  # of the scan
-    received: list[int] = field(default_factory=list)  # per receiver thread, written only by it
-    bytes: list[int] = field(default_factory=list)  # payload bytes, likewise
+    received: int = 0  # written by the receiving thread only
+    bytes: int = 0  # payload bytes, likewise
 
 
 @dataclass(slots=True)
 class _Part:
     """A received data part on its way into an item; it waits here while flow control holds its socket."""
 
-    t: int  # the receiving socket
     frames: list
     header: dict
     scan_id: int
@@ -124,7 +123,6 @@ class NodeGroup:
         self.errors: list[BaseException] = []
         self.stopping = False
         self.ends = [0] * self.spec.threads
-        self.bytes = [0] * self.spec.threads  # per receiver thread, written only by it
         self.messages = 0
         self.analyses = [(a.plugin, catalog.get(a.plugin), a.params) for a in self.spec.analyses]
         # Only analyses that write a file need their results gathered.
@@ -139,8 +137,7 @@ class NodeGroup:
             st = self.scans.get(scan_id)
             if st is None:
                 ngs = len((self.rt.kv.get(scans.key(scan_id)) or {}).get("node_groups") or [0])
-                st = self.scans[scan_id] = _ScanState(scan_id, received=[0] * self.spec.threads,
-                                                        bytes=[0] * self.spec.threads, node_groups=ngs)
+                st = self.scans[scan_id] = _ScanState(scan_id, node_groups=ngs)
             return st
 
     def receive(self) -> None:
@@ -209,7 +206,7 @@ class NodeGroup:
             st.first_received = time.time()
         if len(frames) != 2:
             self.rejects.add(f"expected 2 frames (header, payload), got {len(frames)}", sender)
-            st.received[t] += 1  # it was sent and counted upstream: it arrived, it was just bad
+            st.received += 1  # it was sent and counted upstream: it arrived, it was just bad
             return None
         key = self.spec.assemble.key
         try:
@@ -217,9 +214,9 @@ class NodeGroup:
             w = (k // st.node_groups) % len(self.lanes)  # keys come to us 1 in node_groups
         except (KeyError, TypeError, ValueError):
             self.rejects.add(f"header has no integer {key!r}", sender)
-            st.received[t] += 1
+            st.received += 1
             return None
-        part = _Part(t, frames, header, scan_id, sender, st, self.lanes[w], k,
+        part = _Part(frames, header, scan_id, sender, st, self.lanes[w], k,
                      header.get(self.spec.assemble.part))
         if self.must_wait(part):
             st.held += 1
@@ -248,10 +245,9 @@ class NodeGroup:
                     st.max_pending = len(asm.pending)
             except BadMessage as exc:
                 self.rejects.add(str(exc), p.sender)
-        st.received[p.t] += 1  # counted once placed (or rejected): when the counts add up, every part is in
+        st.received += 1  # counted once placed (or rejected): when the counts add up, every part is in
         nbytes = len(p.frames[1])
-        self.bytes[p.t] += nbytes
-        st.bytes[p.t] += nbytes
+        st.bytes += nbytes
         self.meter.msgs_in += 1
         self.meter.bytes_in += nbytes
 
@@ -382,7 +378,7 @@ class NodeGroup:
         if open_scans:
             meter.state, meter.scan = "streaming", open_scans[-1].id
         for st in open_scans:
-            received = sum(st.received)
+            received = st.received
             meter.scans[st.id] = {"received": received, "expected": st.expected if st.infos >= self.senders else None,
                                   "infos": st.infos, "senders": self.senders}
             complete = st.infos >= self.senders and received >= st.expected
@@ -398,7 +394,7 @@ class NodeGroup:
         if timed_out:
             log.warning("%s: scan %d went quiet for %.1f s with %d of %s messages and %d of %d counts; "
                         "finishing it with what arrived", self.label, st.id, spec.scan_timeout,
-                        sum(st.received), st.expected if st.infos >= self.senders else "?", st.infos, self.senders)
+                        st.received, st.expected if st.infos >= self.senders else "?", st.infos, self.senders)
         if ngs and ngs[0] == rt.replica:
             scans.update(rt.kv, st.id, status="processing")
         self.meter.state = "processing"
@@ -408,8 +404,8 @@ class NodeGroup:
                 lane.cond.notify_all()
         parts = [self.results.get() for _ in range(spec.workers)]
         report = scans.empty_report(self.label)
-        report.update(expected=st.expected, received=sum(st.received), timed_out=timed_out,
-                      infos=st.infos, senders=self.senders, bytes=sum(st.bytes), first_received=st.first_received,
+        report.update(expected=st.expected, received=st.received, timed_out=timed_out,
+                      infos=st.infos, senders=self.senders, bytes=st.bytes, first_received=st.first_received,
                       flow={"held": st.held, "overrides": st.overrides, "max_pending": st.max_pending},
                       processed=max(r["processed"] for _, _, r in parts))
         keys = (rec.get("meta") or {}).get("keys")
@@ -512,5 +508,5 @@ class NodeGroup:
             raise self.errors[0]
         if self.rt.stop.is_set():
             raise InterruptedError("stopped")
-        return {"scans": len(self.finished), "messages": self.messages, "bytes": sum(self.bytes),
+        return {"scans": len(self.finished), "messages": self.messages, "bytes": sum(st.bytes for st in self.scans.values()),
                 "rejected": self.rejects.count}
