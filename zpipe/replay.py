@@ -2,7 +2,9 @@
 
 Every producer of the topology gets the replay plugin its source names (`Source.replay_plugin`)
 reading the given directory; the rest of the graph is unchanged, so the result is the one the
-live stream would have given.
+live stream would have given. A replay plugin may check the directory first (a static
+`check_replay(directory, scans)` that raises ValueError or OSError): nothing to replay is an
+error before anything starts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class ReplayError(Exception):
 def replay_topology(topology: Topology, directory: str, scans: list[int] | None) -> Topology:
     nodes = dict(topology.nodes)
     replaced = 0
+    checked: set[str] = set()
     for name, node in topology.nodes.items():
         if node.role != "producer":
             continue
@@ -30,6 +33,14 @@ def replay_topology(topology: Topology, directory: str, scans: list[int] | None)
         if not plugin:
             raise ReplayError(f"producer {name!r} uses plugin {node.plugin!r}, which names no replay plugin "
                               f"(set `replay_plugin` on its class)")
+        if plugin not in checked:
+            check = getattr(catalog.get(plugin), "check_replay", None)
+            if check is not None:
+                try:
+                    check(directory, scans)
+                except (ValueError, OSError) as exc:
+                    raise ReplayError(str(exc)) from None
+            checked.add(plugin)
         params = {"directory": os.path.abspath(directory)}
         if scans:
             params["scans"] = scans

@@ -6,9 +6,9 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Self
+from typing import NamedTuple, Self
 
 import numpy as np
 
@@ -23,16 +23,33 @@ RECORD_BYTES = HEADER.size + SECTOR_BYTES
 FILE_NAME = "data_scan{scan:010d}_module{module}_dst{dst}_file{index}.data"
 _NAME_RE = re.compile(r"data_scan(\d+)_module(\d+)_dst(\d+)_file(\d+)\.data$")
 _MODULE_RE = re.compile(r".*module(\d+).*\.data")  # stempy's own rule, so we agree with it
+_SCAN_RE = re.compile(r"^data_scan(\d{10,})_.*\.data$")  # any data file of a scan, readable or not
 _PARTIAL = ".partial"
+
+
+class BadRecord(NamedTuple):
+    """A record a tolerant reader skipped, and why; offset None: the whole file was skipped."""
+
+    path: Path
+    offset: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = "" if self.offset is None else f" (record at byte offset {self.offset})"
+        return f"{self.path}: {self.problem}{where}"
 
 
 class RawFileError(ValueError):
     """A record that cannot be read; names the file and the byte offset of the record."""
 
     def __init__(self, path: Path | str, offset: int | None, problem: str):
-        where = "" if offset is None else f" (record at byte offset {offset})"
-        super().__init__(f"{path}: {problem}{where}")
-        self.path, self.offset = Path(path), offset
+        self.bad = BadRecord(Path(path), offset, problem)
+        super().__init__(str(self.bad))
+        self.path, self.offset, self.problem = self.bad
+
+
+def _raise(bad: BadRecord) -> None:
+    raise RawFileError(*bad)
 
 
 def file_name(scan_number: int, module: int, dst: int = 0, index: int = 0) -> str:
@@ -274,47 +291,155 @@ class ScanWriter(_ClosedOrAborted):
             w.abort()
 
 
-def scan_files(directory: Path | str | Iterable[Path | str], scan_number: int) -> list[Path]:
+OnBad = Callable[[BadRecord], None]
+
+
+def scan_numbers(directory: Path | str) -> list[int]:
+    """The scans that have data files (``data_scan<10 digits>_*.data``) in the directory."""
+    found = set()
+    for path in Path(directory).glob("data_scan*.data"):
+        match = _SCAN_RE.match(path.name)
+        if match and path.name.startswith(f"data_scan{int(match[1]):010d}_"):
+            found.add(int(match[1]))
+    return sorted(found)
+
+
+def scan_files(directory: Path | str | Iterable[Path | str], scan_number: int,
+               on_bad: OnBad | None = None) -> list[Path]:
     """A scan's complete sector files, ordered by module, dst and file index.
 
     ``directory`` may be several directories (the real receivers spread a scan over drives).
-    Unfinished ``.partial`` files are never returned.
+    Unfinished ``.partial`` files are never returned. A data file of the scan whose name
+    says no module (no ``module0``..``module3`` before ``.data``) raises RawFileError, or,
+    given ``on_bad``, is handed to it as a BadRecord (offset None) and left out.
     """
+    report = on_bad or _raise
     directories = [directory] if isinstance(directory, (str, Path)) else list(directory)
-    found = []
+    found, bad = [], []
     for d in directories:
-        for path in Path(d).glob(f"data_scan{scan_number:010d}_module*.data"):
+        for path in Path(d).glob(f"data_scan{scan_number:010d}_*.data"):
             match = _NAME_RE.search(path.name)
-            key = tuple(int(g) for g in match.groups()[1:]) if match else (module_of(path), 0, 0)
+            try:
+                key = (module_of(path), *(int(g) for g in match.groups()[2:])) if match else (module_of(path), 0, 0)
+            except RawFileError as e:
+                bad.append(e.bad)
+                continue
             found.append((key, str(path), path))
+    for b in sorted(bad):
+        report(b)
     return [path for _, _, path in sorted(found)]
 
 
-def read_sectors(files: Iterable[Path | str]) -> Iterator[tuple[dict, np.ndarray]]:
+def _header_problem(header: dict, scan_number: int | None, scan_shape: tuple[int, int] | None,
+                    frame_numbers: tuple[int, int] | None) -> str | None:
+    """Why a header cannot be a record of this scan, or None: what stempy would trip over, plus the
+    scan's own facts when they are known (its file name's scan number, its manifest's shape and frames)."""
+    h = header
+    if scan_number is not None and h["scan_number"] != scan_number:
+        return f"corrupt header: scan number {h['scan_number']} is not the file name's {scan_number}"
+    width, height = h["scan_width"], h["scan_height"]
+    if scan_shape is not None and (width, height) != tuple(scan_shape):
+        return f"corrupt header: scan shape {width}x{height} is not the scan's {scan_shape[0]}x{scan_shape[1]}"
+    if not (h["scan_x"] < width and h["scan_y"] < height):
+        return f"corrupt header: scan position ({h['scan_x']}, {h['scan_y']}) is outside the scan ({width}x{height})"
+    if frame_numbers is not None and not frame_numbers[0] <= h["frame_number"] <= frame_numbers[1]:
+        return (f"corrupt header: frame number {h['frame_number']} is outside the scan's "
+                f"{frame_numbers[0]}..{frame_numbers[1]}")
+    return None
+
+
+def _fill(f, view: memoryview) -> int:
+    """Read into all of view unless the file ends first; returns the bytes read."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _records(files: Iterable[Path | str], on_bad: OnBad | None, scan_shape, frame_numbers,
+             data: bool) -> Iterator[tuple[dict, np.ndarray | None]]:
+    """The one reading loop of read_sectors and read_headers, so both take and skip the same records."""
+    report = on_bad or _raise
+    head = bytearray(HEADER.size)
+    for name in files:
+        path = Path(name)
+        try:
+            module = module_of(path)
+        except RawFileError as e:
+            report(e.bad)
+            continue
+        named = _SCAN_RE.match(path.name)
+        scan_number = int(named[1]) if named else None
+        try:
+            f = open(path, "rb", buffering=0)
+        except OSError as e:
+            if on_bad is None:
+                raise
+            report(BadRecord(path, None, f"cannot be opened: {e.strerror or e}"))
+            continue
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            offset = 0
+            while got := _fill(f, memoryview(head)):
+                if got < HEADER.size:
+                    report(BadRecord(path, offset, f"truncated header: {got} of {HEADER.size} bytes"))
+                    break
+                header = dict(zip(HEADER_FIELDS, HEADER.unpack(head)))
+                problem = _header_problem(header, scan_number, scan_shape, frame_numbers)
+                sector = None
+                if data and problem is None:
+                    sector = np.empty(SECTOR_SHAPE, dtype="<u2")
+                    got = _fill(f, memoryview(sector).cast("B"))
+                else:  # the sector is not wanted: only whether it is all there
+                    got = max(0, min(SECTOR_BYTES, size - offset - HEADER.size))
+                    f.seek(offset + RECORD_BYTES)
+                if got < SECTOR_BYTES:
+                    what = "" if problem else f" (frame {header['frame_number']})"
+                    report(BadRecord(path, offset, f"truncated sector data: {got} of {SECTOR_BYTES} bytes{what}"))
+                    break
+                if problem:
+                    report(BadRecord(path, offset, problem))
+                else:
+                    header["module"] = module
+                    yield header, sector
+                offset += RECORD_BYTES
+
+
+def read_sectors(files: Iterable[Path | str], on_bad: OnBad | None = None, *,
+                 scan_shape: tuple[int, int] | None = None,
+                 frame_numbers: tuple[int, int] | None = None) -> Iterator[tuple[dict, np.ndarray]]:
     """Stream (header, 144x576 uint16 sector) records from the files, one record in memory at a time.
 
     The header dict has the six header fields plus ``module`` (from the file
     name, as stempy takes it). Records come in file order, untouched: files
-    may hold frames out of order. A truncated or impossible record raises
-    RawFileError naming the file and byte offset.
+    may hold frames out of order.
+
+    A bad record raises RawFileError naming the file and byte offset; given ``on_bad``,
+    it is handed to it as a BadRecord instead, and reading goes on. Records have a fixed
+    size, so after a corrupt header (a scan number other than the file name's, a position
+    outside the scan, or, when given, a shape other than ``scan_shape`` or a frame number
+    outside ``frame_numbers``) the next record is read; a truncated record ends its file;
+    a file whose name says no module is skipped whole (a BadRecord with offset None).
     """
-    for path in files:
-        module = module_of(path)
-        named = _NAME_RE.search(Path(path).name)
-        with open(path, "rb") as f:
-            offset = 0
-            while head := f.read(HEADER.size):
-                if len(head) < HEADER.size:
-                    raise RawFileError(path, offset, f"truncated header: {len(head)} of {HEADER.size} bytes")
-                header = dict(zip(HEADER_FIELDS, HEADER.unpack(head)))
-                if not (header["scan_x"] < header["scan_width"] and header["scan_y"] < header["scan_height"]):
-                    raise RawFileError(path, offset, f"corrupt header {header}: scan position outside the scan")
-                if named and header["scan_number"] != int(named[1]):
-                    raise RawFileError(path, offset, f"corrupt header {header}: not the scan in the file name")
-                sector = np.empty(SECTOR_SHAPE, dtype="<u2")
-                got = f.readinto(sector.view(np.uint8))
-                if got < SECTOR_BYTES:
-                    raise RawFileError(path, offset, f"truncated sector data: {got} of {SECTOR_BYTES} bytes")
-                header["module"] = module
-                yield header, sector
-                offset += RECORD_BYTES
+    return _records(files, on_bad, scan_shape, frame_numbers, data=True)  # type: ignore[return-value]
+
+
+def read_headers(files: Iterable[Path | str], on_bad: OnBad | None = None, *,
+                 scan_shape: tuple[int, int] | None = None,
+                 frame_numbers: tuple[int, int] | None = None) -> Iterator[dict]:
+    """The headers read_sectors would yield, with the same records skipped, reading only the headers."""
+    for header, _ in _records(files, on_bad, scan_shape, frame_numbers, data=False):
+        yield header
+
+
+def describe_bad(bad: list[BadRecord], shown: int = 3) -> str:
+    """One line for a file's bad records: how many, and the first few offsets with why."""
+    if len(bad) == 1 and bad[0].offset is None:
+        return f"{bad[0].path}: skipped: {bad[0].problem}"
+    first = "; ".join(f"byte offset {b.offset}: {b.problem}" for b in bad[:shown])
+    more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+    s = "" if len(bad) == 1 else "s"
+    return f"{bad[0].path}: skipped {len(bad)} bad record{s} ({first}{more})"

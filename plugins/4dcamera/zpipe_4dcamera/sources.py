@@ -14,7 +14,8 @@ from pydantic import Field
 from zpipe.plugin import Context, Message, Params, Scan, Source
 
 from . import SECTOR_SHAPE, SECTORS
-from .rawfile import SectorFileWriter, read_manifest, read_sectors, scan_files, write_manifest
+from .rawfile import (BadRecord, SectorFileWriter, describe_bad, manifest_path, module_of, read_headers, read_manifest,
+                      read_sectors, scan_files, scan_numbers, write_manifest)
 from .simulate import SimulatedCamera
 
 
@@ -132,7 +133,13 @@ class SectorRecorder:
 
 
 class RawFileSource(Source):
-    """Replays stempy version-5 sector files (the disk fallback's, or a receiver's) through a pipeline."""
+    """Replays stempy version-5 sector files (the disk fallback's, or a receiver's) through a pipeline.
+
+    A bad record (a corrupt header, a truncated tail, a file whose name says no module) is
+    skipped, by plan() and messages() alike, so the scan is the good records: a frame whose
+    sector was bad arrives with that sector missing, as if it had been lost upstream. Each
+    file's bad records are logged once, in one WARNING line, and kept: see bad_records().
+    """
 
     class Params(Params):
         directory: str = Field(description="where the scan's data_scan*_module*.data files are")
@@ -142,36 +149,95 @@ class RawFileSource(Source):
     def setup(self, ctx: Context) -> None:
         self.ctx = ctx
         self.sectors = _my_sectors(ctx, self.params.sectors)
+        self._bad: dict[int, dict[Path, list[BadRecord]]] = {}  # scan -> file -> its bad records, once read
+
+    @staticmethod
+    def check_replay(directory: str, scans: list[int] | None) -> None:
+        """Before a replay starts: ValueError (one line, naming the directory) if there is nothing to replay."""
+        found = scan_numbers(directory)
+        if not found:
+            raise ValueError(f"{directory}: no data_scan*.data files")
+        absent = [s for s in scans or [] if s not in found]
+        if absent:
+            there = ", ".join(map(str, found[:10])) + (", ..." if len(found) > 10 else "")
+            which = "scans " if len(absent) > 1 else "scan "
+            raise ValueError(f"{directory}: no data files of {which}{', '.join(map(str, absent))} "
+                             f"(scan{'s' if len(found) > 1 else ''} there: {there})")
 
     def _scan_numbers(self) -> list[int]:
         if self.params.scans is not None:
             return list(self.params.scans)
-        found = {int(p.name[len("data_scan"):len("data_scan") + 10])
-                 for p in Path(self.params.directory).glob("data_scan*_module*.data")}
+        found = scan_numbers(self.params.directory)
         if not found:
-            raise FileNotFoundError(f"no data_scan*_module*.data files in {self.params.directory}")
-        return sorted(found)
+            raise FileNotFoundError(f"no data_scan*.data files in {self.params.directory}")
+        return found
+
+    def _manifest(self, number: int) -> dict | None:
+        """The scan's manifest if it is there and sound; the files replay without one (receivers write none)."""
+        try:
+            m = read_manifest(self.params.directory, number)
+            width, height, frames = m["scan_width"], m["scan_height"], m.get("frame_numbers")
+            if not (type(width) is int and type(height) is int and width > 0 and height > 0):
+                raise ValueError(f"scan shape {width!r}x{height!r}")
+            if frames is not None and not (isinstance(frames, list) and len(frames) == 2
+                                           and all(type(f) is int for f in frames)):
+                raise ValueError(f"frame_numbers {frames!r}")
+            return {"scan_shape": [width, height], "frame_numbers": frames}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            if self.ctx.replica == 0 and self.ctx.thread == 0:
+                self.ctx.log.warning("scan %d: ignoring the unreadable manifest %s (%s: %s); replaying the files "
+                                     "without it", number, manifest_path(self.params.directory, number),
+                                     type(exc).__name__, exc)
+            return None
 
     def scans(self) -> Iterator[Scan]:
         for number in self._scan_numbers():
             meta: dict = {"sectors": SECTORS, "replayed_from": self.params.directory}
-            try:
-                manifest = read_manifest(self.params.directory, number)
-                meta["scan_shape"] = [manifest["scan_width"], manifest["scan_height"]]
-                meta["frames"] = manifest["scan_width"] * manifest["scan_height"]
-            except FileNotFoundError:
-                pass
+            manifest = self._manifest(number)
+            if manifest:
+                meta["scan_shape"] = manifest["scan_shape"]
+                meta["frames"] = manifest["scan_shape"][0] * manifest["scan_shape"][1]
+                if manifest["frame_numbers"]:
+                    meta["frame_numbers"] = manifest["frame_numbers"]
             yield Scan(number, meta)
 
     def _files(self, scan: Scan, thread: int, threads: int) -> list[Path]:
-        files = [f for f in scan_files(self.params.directory, scan.id)
-                 if int(f.name.split("_module")[1].split("_")[0]) in self.sectors]
+        unnamed: list[BadRecord] = []
+        files = [f for f in scan_files(self.params.directory, scan.id, on_bad=unnamed.append)
+                 if module_of(f) in self.sectors]
+        if thread == 0 and self.ctx.replica == 0:  # files of no sector: named by one thread of one replica
+            for bad in unnamed:
+                self._note(scan, bad.path, [bad])
         return files[thread::threads]
 
+    def _note(self, scan: Scan, path: Path, bad: list[BadRecord]) -> None:
+        """Keep a file's bad records, and log them, the first time the file is read through."""
+        seen = self._bad.setdefault(scan.id, {})
+        if path in seen:
+            return
+        seen[path] = bad
+        if bad:
+            self.ctx.log.warning("scan %d: %s", scan.id, describe_bad(bad))
+
+    def bad_records(self, scan: int | None = None) -> list[BadRecord]:
+        """The bad records this source skipped so far (of one scan, or of all), in reading order."""
+        return [b for number, files in self._bad.items() if scan in (None, number)
+                for bad in files.values() for b in bad]
+
+    def _records(self, scan: Scan, thread: int, threads: int, read) -> Iterator:
+        shape, frames = scan.meta.get("scan_shape"), scan.meta.get("frame_numbers")
+        for path in self._files(scan, thread, threads):
+            bad: list[BadRecord] = []
+            yield from read([path], bad.append, scan_shape=tuple(shape) if shape else None,
+                            frame_numbers=tuple(frames) if frames else None)
+            self._note(scan, path, bad)
+
     def plan(self, scan: Scan, thread: int, threads: int) -> Iterator[dict]:
-        for header, _ in read_sectors(self._files(scan, thread, threads)):
+        for header in self._records(scan, thread, threads, read_headers):
             yield {**header, "scan": scan.id}
 
     def messages(self, scan: Scan, thread: int, threads: int) -> Iterator[Message]:
-        for header, sector in read_sectors(self._files(scan, thread, threads)):
+        for header, sector in self._records(scan, thread, threads, read_sectors):
             yield Message({**header, "scan": scan.id}, sector)
