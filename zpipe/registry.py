@@ -169,11 +169,21 @@ def _order(e: Endpoint) -> tuple:
     return (e.replica, e.address)
 
 
+_FIELDS = {"node": str, "replica": int, "socket": str, "address": str, "host": str, "pid": int}
+
+
 def _decode(value) -> Endpoint | None:
+    # Anyone can write anything under endpoints/: a record of the wrong shape or
+    # types is ignored rather than allowed to break a peer (an unhashable or
+    # unsortable field would, far from here).
+    if not isinstance(value, dict) or not value.keys() <= _FIELDS.keys():
+        return None
+    if any(type(value[name]) is not kind for name, kind in _FIELDS.items() if name in value):
+        return None
     try:
         return Endpoint(**value)
     except TypeError:
-        return None  # not an endpoint record: ignore rather than break the peer
+        return None  # a field missing
 
 
 def _select(items: dict, node: str, socket: str) -> list[Endpoint]:

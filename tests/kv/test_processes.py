@@ -27,13 +27,14 @@ HEARTBEAT = 0.3
 class Proc:
     """A child process that speaks one JSON line per request and per answer."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], stderr=None):
         self.popen = subprocess.Popen(
             [sys.executable, *args],
             cwd=ROOT,
             env=ENV,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
         )
 
@@ -80,8 +81,8 @@ def spawn():
 
     class Spawn:
         @staticmethod
-        def server(bind: str = "tcp://127.0.0.1:0") -> tuple[Proc, str]:
-            proc = Proc(["-m", "zpipe.kv", "--bind", bind, "--heartbeat", str(HEARTBEAT)])
+        def server(bind: str = "tcp://127.0.0.1:0", stderr=None) -> tuple[Proc, str]:
+            proc = Proc(["-m", "zpipe.kv", "--bind", bind, "--heartbeat", str(HEARTBEAT)], stderr=stderr)
             procs.append(proc)
             return proc, proc.readline(timeout=20)
 
@@ -183,6 +184,191 @@ def test_ephemeral_keys_of_a_killed_client_expire_within_their_ttl(spawn):
         observer.close()
 
 
+# -- malformed messages and outsiders, against processes -------------------------
+
+ORIGIN = b"\x99" * 8 + (1).to_bytes(8, "big")
+
+
+def collector_of(address: str) -> str:
+    import zmq
+
+    from zpipe.kv import protocol as p
+
+    with zmq.Context.instance().socket(zmq.DEALER) as d:
+        d.linger = 0
+        d.connect(address)
+        d.send_multipart([p.HELLO, b"1", b""])
+        assert d.poll(10_000)
+        return p.unpack(d.recv_multipart()[2])
+
+
+@pytest.mark.timeout(60)
+def test_bodies_that_are_not_msgpack_never_reach_client_processes(spawn):
+    """Once, one such body through the collector killed the agent of every client
+    (runner and nodes) and of every client that joined after."""
+    import zmq
+
+    from zpipe.kv import protocol as p
+
+    _, address = spawn.server()
+    clients = [spawn.client(address, f"w{i}") for i in range(2)]
+    clients[0].call(op="set", key="g/mine", value=1, ttl=5.0)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(collector_of(address)["collector"])
+    try:
+        bodies = [b"\xc1", b"\x92\x01", b"\x01\x02", b"\xa2\xff\xfe", b"\x91" * 5000 + b"\x00"]
+        for i in range(1000):
+            key = "g/mine" if i % 2 else f"g/{i % 7}"
+            push.send_multipart([key.encode(), p.pack([None, False, ORIGIN]), bodies[i % len(bodies)]])
+    finally:
+        push.close(linger=5000)  # all of them out
+    clients[1].call(op="set", key="after", value=True)
+    late = spawn.client(address, "late")
+    for proc in (*clients, late):
+        assert proc.call(op="wait", key="after", value=True, timeout=5)["ok"]
+        state = dump(proc)
+        assert {k: v for k, v in state["items"].items() if k.startswith("g/")} == {"g/mine": 1}
+        assert state["rejected"] == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_flood_of_garbage_starves_neither_heartbeats_nor_expiry(spawn, tmp_path):
+    """Two raw sockets send malformed messages as fast as the server takes them;
+    meanwhile its heartbeats keep their pace and a killed client's key expires."""
+    import zmq
+
+    from zpipe.kv import KVClient, protocol as p
+
+    errors = tmp_path / "server.err"
+    with open(errors, "w") as err:
+        server, address = spawn.server(stderr=err)
+    info = collector_of(address)
+    victim = spawn.client(address, "victim")
+    ttl = 1.0
+    victim.call(op="set", key="eph/victim", value=1, ttl=ttl)
+    observer = KVClient(address, name="observer").start()
+    ctx = zmq.Context.instance()
+    beats = ctx.socket(zmq.SUB)
+    beats.linger = 0
+    beats.subscribe(p.HEARTBEAT_TOPIC)
+    beats.connect(info["pub"])
+    stop = threading.Event()
+    sent = {"collector": 0, "router": 0}
+    collector_garbage = [
+        [b"g/1", b"\xc1", b"x"], [b"g/1", p.pack(["5", False, ORIGIN]), p.pack(1)],
+        [b"g/1", p.pack([None, False, ORIGIN]), b"\xc1"], [b"\xff", b"", b""], [b"x"],
+    ]
+    router_garbage = [[p.SNAPSHOT, b"1", b"\xc1"], [p.SNAPSHOT, b"1", p.pack([1])], [b"BOGUS", b"1", b""], [b"x"]]
+
+    def flood(kind: int, where: str, garbage: list) -> None:
+        with ctx.socket(kind) as s:
+            s.linger = 0
+            s.connect(where)
+            i = 0
+            while not stop.is_set():
+                try:
+                    s.send_multipart(garbage[i % len(garbage)], zmq.NOBLOCK)
+                    i += 1
+                except zmq.Again:
+                    time.sleep(0.0005)  # the server is behind: it sets the pace
+            sent["collector" if kind == zmq.PUSH else "router"] = i
+
+    threads = [
+        threading.Thread(target=flood, args=(zmq.PUSH, info["collector"], collector_garbage)),
+        threading.Thread(target=flood, args=(zmq.DEALER, address, router_garbage)),
+    ]
+    try:
+        observer.wait(lambda items: "eph/victim" in items)
+        resyncs = observer.resyncs
+        for t in threads:
+            t.start()
+        times = []
+        t0 = time.monotonic()
+        killed = None
+        took = None
+        while time.monotonic() - t0 < 1.8:
+            if beats.poll(50):
+                beats.recv_multipart()
+                times.append(time.monotonic())
+            if killed is None and time.monotonic() - t0 > 0.3:
+                victim.kill()
+                killed = time.monotonic()
+            if killed and took is None and "eph/victim" not in observer.items():
+                took = time.monotonic() - killed
+        stop.set()
+        for t in threads:
+            t.join()
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        print(f"flood of {sent['collector']} collector + {sent['router']} request messages in 1.8 s: "
+              f"{len(times)} heartbeats (every {HEARTBEAT} s), longest gap {max(gaps):.3f} s; "
+              f"ephemeral key gone {took} s after SIGKILL (ttl {ttl} s)")
+        assert sent["collector"] > 1000 and sent["router"] > 1000
+        assert max(gaps) < HEARTBEAT + 0.5
+        assert took is not None and took < ttl + 0.5
+        assert observer.resyncs == resyncs
+        observer_alive = observer._thread.is_alive()
+        assert observer_alive
+    finally:
+        stop.set()
+        for t in threads:
+            if t.is_alive():
+                t.join()
+        beats.close(0)
+        observer.close()
+    assert server.popen.poll() is None  # still running
+    server.stop()
+    log = errors.read_text().splitlines()
+    reasons = [line for line in log if "dropped a malformed message" in line]
+    print("\n".join(reasons))
+    # One line per reason, whatever the number of messages (9 kinds were sent).
+    assert len(reasons) == len(set(reasons)) and 1 <= len(reasons) <= 9, log
+
+
+@pytest.mark.timeout(60)
+def test_an_owner_process_restores_what_an_outsider_overwrote_or_deleted(spawn):
+    from zpipe.kv import KVClient
+
+    _, address = spawn.server()
+    owner = spawn.client(address, "owner")
+    key = "endpoints/n/0/out"
+    owner.call(op="set", key=key, value="owner's", ttl=3.0)
+    outsider = KVClient(address, name="outsider").start()
+    observer = KVClient(address, name="observer").start()
+    seen: list[tuple[float, object]] = []
+    observer.on_change(lambda k, v: k == key and seen.append((time.monotonic(), v)))
+    try:
+        observer.wait(lambda items: items.get(key) == "owner's")
+
+        def undone(value) -> float:
+            n = len(seen)
+            t0 = time.monotonic()
+            while not any(v == value for _, v in seen[n:]):
+                assert time.monotonic() - t0 < 5, seen
+                time.sleep(0.001)
+            i = next(j for j in range(n, len(seen)) if seen[j][1] == value)
+            while not any(v == "owner's" for _, v in seen[i:]):
+                assert time.monotonic() - t0 < 5, seen
+                time.sleep(0.001)
+            j = next(j for j in range(i, len(seen)) if seen[j][1] == "owner's")
+            return seen[j][0] - seen[i][0]
+
+        outsider.set(key, "outsider's")  # a plain write: the outsider lets go once undone
+        overwrite = undone("outsider's")
+        outsider.delete(key)
+        deletion = undone(None)
+        time.sleep(0.3)
+        for client in (outsider, observer):
+            assert client.get(key) == "owner's"
+        print(f"owner process restored its key {overwrite * 1000:.1f} ms after an overwrite "
+              f"and {deletion * 1000:.1f} ms after a deletion")
+        assert overwrite < 0.1 and deletion < 0.1
+        assert dump(owner)["restored"] == {key: 2}
+    finally:
+        outsider.close()
+        observer.close()
+
+
 # -- the client process ------------------------------------------------------------
 
 
@@ -244,7 +430,8 @@ def worker(address: str, name: str) -> None:
                 thread.join()
             answer(last=written["last"])
         elif op == "dump":
-            answer(items=client.items(), seq=client.sequence, epoch=client.epoch, resyncs=client.resyncs)
+            answer(items=client.items(), seq=client.sequence, epoch=client.epoch, resyncs=client.resyncs,
+                   rejected=client.rejected, restored=client.restored)
     client.close()
 
 

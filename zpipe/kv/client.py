@@ -6,7 +6,13 @@ the Clone pattern: subscribe to updates first, then take a snapshot, then apply
 only updates newer than the snapshot. It re-synchronises by snapshot whenever it
 sees a sequence gap, loses the server's heartbeat, loses its connection, or meets
 a new server (epoch). Keys it sets are *owned*: it refreshes the ephemeral ones
-before their TTL runs out and re-publishes all of them to a restarted server.
+before their TTL runs out and re-publishes all of them to a restarted server. An
+ephemeral key stays ours until we delete it: if another client overwrites or
+deletes it, we write it again at once (``restored``); a plain key belongs to
+whoever wrote it last (see agent.py).
+
+Malformed messages from the server (or anything posing as it) are dropped and
+counted in ``rejected``; they never stop the agent.
 
 ZeroMQ sockets are not thread-safe, so one agent thread (agent.py) owns them all;
 the public methods hand commands to it through a deque plus a wake-up socketpair.
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import numbers
 import os
 import socket
 import threading
@@ -53,6 +61,11 @@ class KVClient:
         # Marks our own writes in the update stream (ownership, see Agent.on_update).
         self.client_id = uuid.uuid4().bytes[:8]
         self.resyncs = 0  # snapshots taken after the first one
+        # Malformed messages dropped, by reason; and how often we put back each
+        # ephemeral key of ours that another client overwrote or deleted. Both
+        # written by the agent thread only.
+        self.rejected: dict[str, int] = {}
+        self.restored: dict[str, int] = {}
         self.epoch: str | None = None
 
         self._cond = threading.Condition()
@@ -126,9 +139,16 @@ class KVClient:
         """Set ``key`` (we then own it). With ``ttl`` the key is ephemeral: the
         server deletes it ``ttl`` seconds after our last refresh."""
         _check_key(key)
-        if ttl is not None and ttl <= 0:
-            raise ValueError(f"ttl must be positive, got {ttl}")
-        self._command(("set", key, p.pack(value), ttl))  # pack here: errors reach the caller
+        if ttl is not None:
+            if not isinstance(ttl, numbers.Real) or isinstance(ttl, bool):
+                raise TypeError(f"ttl must be a number of seconds, got {ttl!r}")
+            ttl = float(ttl)
+            if not (math.isfinite(ttl) and 0 < ttl <= p.MAX_TTL):
+                raise ValueError(f"ttl must be in (0, {p.MAX_TTL:g}] seconds, got {ttl}")
+        body = p.pack(value)  # here: errors reach the caller
+        if len(body) > p.MAX_BODY:
+            raise ValueError(f"value of {key!r} is {len(body)} bytes packed, over {p.MAX_BODY}")
+        self._command(("set", key, body, ttl))
 
     def delete(self, key: str) -> None:
         _check_key(key)
@@ -235,3 +255,9 @@ class KVClient:
 def _check_key(key: str) -> None:
     if not isinstance(key, str) or not key:
         raise ValueError(f"a key must be a non-empty str, got {key!r}")
+    try:
+        size = len(key.encode())
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it
+        raise ValueError(f"a key must be valid UTF-8 text, got {key!r}") from None
+    if size > p.MAX_KEY:
+        raise ValueError(f"key over {p.MAX_KEY} bytes: {key[:40]!r}...")

@@ -5,9 +5,13 @@ frame layouts are documented in one place.
 
 Sockets (the server binds all three; a client only needs the first address):
 
-* bootstrap, ROUTER <- DEALER: ``[cmd, request_id, payload]``
+* bootstrap, ROUTER <- DEALER: ``[cmd, request_id, payload]`` (at most
+  ``MAX_REQUEST`` bytes), answered ``[cmd, request_id, reply]``
     - ``HELLO``    -> reply payload ``{"epoch", "pub", "collector", "heartbeat"}``
-    - ``SNAPSHOT`` (payload ``{"subtrees": [...]}``) -> reply payload
+      (epoch a str of 1..``MAX_EPOCH``, endpoints str, heartbeat seconds in
+      (0, ``MAX_HEARTBEAT``]); the request's payload is ignored
+    - ``SNAPSHOT`` (payload ``{"subtrees": [...]}``, a list of at most
+      ``MAX_SUBTREES`` str; no payload means ``[""]``) -> reply payload
       ``{"epoch", "seq", "counts", "entries": [[key, body, ttl], ...]}``
 * updates, PUB -> SUB:
     - update:    ``[b"k" + key, packb([seq, epoch, ttl, origin, counts]), body]``
@@ -16,8 +20,19 @@ Sockets (the server binds all three; a client only needs the first address):
   receive heartbeats, whatever the keys look like.
 * collector, PULL <- PUSH: ``[key, packb([ttl, refresh, origin]), body]``
 
-``body`` is the msgpack encoding of the value; an empty body means "deleted"
+``body`` is the msgpack encoding of one value (the server checks that it decodes,
+so no client meets one that does not); an empty body means "deleted"
 (msgpack never encodes a value as zero bytes, so the two cannot be confused).
+``key`` is UTF-8, not empty, at most ``MAX_KEY`` bytes. ``ttl`` is None (a plain
+key) or seconds in (0, ``MAX_TTL``]; ``refresh`` a bool; ``origin`` the writer's
+8-byte client id and its 8-byte big-endian write number (``ORIGIN_LEN`` bytes),
+or ``b""`` in an update the server made itself (an expiry).
+
+Malformed messages. Anything on any socket that does not have exactly this
+shape and these types (or exceeds ``MAX_BODY``, ``MAX_KEY``, ``MAX_REQUEST``) is
+dropped by whoever receives it, counted by reason (``KVServer.rejected``,
+``KVClient.rejected``) and logged once per reason (``reject``). A legitimate
+client never sends one: ``KVClient.set`` checks the same limits and raises.
 
 Sequence numbers: ``seq`` numbers every update the server makes (per epoch).
 ``counts`` maps each subtree some client asked for to the number of updates made
@@ -29,6 +44,9 @@ each server start, so a client notices a restarted server from its first message
 from __future__ import annotations
 
 from typing import Any
+
+import logging
+import math
 
 import msgpack
 
@@ -42,6 +60,17 @@ DELETED = b""
 # up instead of losing updates (and paying for a resync).
 HWM = 100_000
 
+# Limits on what a message may carry (see "Malformed messages" above).
+MAX_KEY = 1024  # bytes of a key or a subtree, UTF-8
+MAX_BODY = 64 << 20  # bytes of an encoded value (generous: reports carry lists)
+MAX_TTL = 86_400.0  # seconds; an ephemeral key refreshed less than daily is not one
+MAX_REQUEST = 64 << 10  # bytes of a bootstrap request, all frames
+MAX_SUBTREES = 256  # in one snapshot request
+MAX_COUNTED_SUBTREES = 1024  # distinct subtrees the server counts (every heartbeat carries them all)
+ORIGIN_LEN = 16  # client id (8) + write number (8)
+MAX_EPOCH = 64  # characters
+MAX_HEARTBEAT = 3600.0  # seconds between a server's heartbeats
+
 
 def pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
@@ -50,6 +79,57 @@ def pack(value: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     # strict_map_key=False: values may be dicts with int keys, not only str.
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def decodes(data: bytes) -> bool:
+    """Whether ``data`` is exactly one msgpack value that ``unpack`` accepts."""
+    try:
+        unpack(data)
+    except Exception:  # msgpack raises several kinds (and ValueError, TypeError...)
+        return False
+    return True
+
+
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (msgpack keeps the two apart; so do we)."""
+    return type(value) is int
+
+
+def is_ttl(value: Any) -> bool:
+    """None, or a finite number of seconds in (0, MAX_TTL]."""
+    if value is None:
+        return True
+    return type(value) in (int, float) and math.isfinite(value) and 0 < value <= MAX_TTL
+
+
+def is_counts(value: Any) -> bool:
+    """A map of subtree -> non-negative update count."""
+    return isinstance(value, dict) and all(
+        isinstance(s, str) and is_int(n) and n >= 0 for s, n in value.items()
+    )
+
+
+def reject(rejected: dict[str, int], reason: str, logger: logging.Logger, who: str, detail: str = "") -> None:
+    """Count a dropped malformed message under ``reason``; log only the first of each reason.
+
+    One bad peer can send millions: a log line each would be a second way to
+    knock the receiver over.
+    """
+    n = rejected.get(reason, 0)
+    rejected[reason] = n + 1
+    if n == 0:
+        if len(detail) > 200:
+            detail = detail[:200] + "..."
+        logger.warning(
+            "%s dropped a malformed message (%s%s); further ones for this reason are only counted",
+            who, reason, f": {detail}" if detail else "",
+        )
+
+
+def brief(value: Any) -> str:
+    """A short repr of a bad value, for a log line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def split_tcp(endpoint: str) -> tuple[str, str]:

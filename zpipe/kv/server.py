@@ -5,6 +5,10 @@ collector, the server numbers each one and publishes it, and a client that joins
 (or loses track) asks the bootstrap ROUTER for a snapshot. Ephemeral keys carry a
 TTL that the server enforces, so a crashed client's keys disappear by themselves.
 The state lives in memory only: after a restart, clients re-publish what they own.
+
+Anyone who can reach its ports can send it anything: whatever is malformed (see
+protocol.py) is dropped, counted in ``KVServer.rejected`` and logged once per
+reason; nothing a peer sends can stop the loop or reach the other clients.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ import zmq
 from . import protocol as p
 
 log = logging.getLogger(__name__)
+
+# Messages handled per socket per turn of the loop, so that a flood on one socket
+# leaves heartbeats, expiry and the other socket their turn.
+BATCH = 1000
+
 
 @dataclass
 class _Entry:
@@ -43,6 +52,8 @@ class KVServer:
         pub_bind: str | None = None,
         collector_bind: str | None = None,
     ):
+        if not 0 < heartbeat <= p.MAX_HEARTBEAT:  # clients would refuse its HELLO
+            raise ValueError(f"heartbeat must be in (0, {p.MAX_HEARTBEAT:g}] seconds, got {heartbeat}")
         self.bind = bind
         self.heartbeat = heartbeat
         self.advertise = advertise
@@ -57,6 +68,9 @@ class KVServer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._drop = 0
+        # Malformed messages dropped, by reason (see protocol.py); written by the
+        # server's thread only.
+        self.rejected: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -108,21 +122,25 @@ class KVServer:
         ctx = zmq.Context()
         sockets = []
 
-        def make(kind: int, where: str) -> zmq.Socket:
-            s = ctx.socket(kind)
-            s.linger = 0  # state is soft: nothing is worth waiting for at exit
-            sockets.append(s)
-            s.bind(where)
-            return s
-
+        # linger 0 everywhere: state is soft, nothing is worth waiting for at exit.
         try:
-            router = make(zmq.ROUTER, self.bind)
+            router = ctx.socket(zmq.ROUTER)
+            router.linger = 0
+            # Beyond this ZeroMQ drops the connection before we see the message:
+            # a memory guard, far above MAX_REQUEST (which we count).
+            router.maxmsgsize = 16 * p.MAX_REQUEST
+            sockets.append(router)
+            router.bind(self.bind)
             pub = ctx.socket(zmq.PUB)
             pub.linger = 0
             pub.sndhwm = p.HWM
             sockets.append(pub)
             pub.bind(self.pub_bind)
-            collector = make(zmq.PULL, self.collector_bind)
+            collector = ctx.socket(zmq.PULL)
+            collector.linger = 0
+            collector.maxmsgsize = 2 * p.MAX_BODY  # the same kind of guard
+            sockets.append(collector)
+            collector.bind(self.collector_bind)
             host = self.advertise or "127.0.0.1"
             self._address = p.reachable(router.last_endpoint.decode(), host)
             self._hello = p.pack(
@@ -139,6 +157,11 @@ class KVServer:
             _Loop(self, router, pub, collector).run(stop)
         finally:
             self._ready.set()
+            if self.rejected:
+                log.warning(
+                    "KV server dropped %d malformed message(s): %s",
+                    sum(self.rejected.values()), self.rejected,
+                )
             for s in sockets:
                 s.close(linger=0)
             ctx.term()
@@ -180,25 +203,77 @@ class _Loop:
 
     # -- requests --------------------------------------------------------------
 
+    def reject(self, reason: str, detail: str = "") -> None:
+        p.reject(self.server.rejected, reason, log, f"KV server at {self.server._address}", detail)
+
+    def internal_error(self, what: str) -> None:
+        reason = f"{what}: internal error"
+        n = self.server.rejected.get(reason, 0)
+        self.server.rejected[reason] = n + 1
+        if n == 0:
+            log.exception("KV server failed on a%s %s; further failures are only counted",
+                          "n" if what[0] in "aeiou" else "", what)
+
     def drain_requests(self) -> None:
-        while True:
+        for _ in range(BATCH):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) < 3:
-                continue  # not ours; a ROUTER must survive garbage
-            identity, cmd, request_id = frames[:3]
-            if cmd == p.HELLO:
-                reply = self.server._hello
-            elif cmd == p.SNAPSHOT:
-                reply = self.snapshot(p.unpack(frames[3]) if len(frames) > 3 else {})
-            else:
-                continue
-            self.router.send_multipart([identity, cmd, request_id, reply])
+            try:
+                reply = self.request(frames)
+                if reply is not None:
+                    self.router.send_multipart([frames[0], frames[1], frames[2], reply])
+            except Exception:  # a bug of ours: the server must go on regardless
+                self.internal_error("request")
 
-    def snapshot(self, request: dict) -> bytes:
-        subtrees = [str(s) for s in request.get("subtrees", [""])] or [""]
+    def request(self, frames: list[bytes]) -> bytes | None:
+        """The reply to ``[identity, cmd, request_id, payload?]``, or None to drop it."""
+        if len(frames) not in (3, 4):
+            self.reject("request: wrong frame count", f"{len(frames) - 1} frames")
+            return None
+        size = sum(len(f) for f in frames[1:])
+        if size > p.MAX_REQUEST:
+            self.reject("request: too large", f"{size} bytes")
+            return None
+        cmd = frames[1]
+        if cmd == p.HELLO:
+            return self.server._hello  # a payload, if any, means nothing
+        if cmd != p.SNAPSHOT:
+            self.reject("request: unknown command", p.brief(cmd))
+            return None
+        subtrees = self.subtrees(frames[3] if len(frames) == 4 else None)
+        return None if subtrees is None else self.snapshot(subtrees)
+
+    def subtrees(self, payload: bytes | None) -> list[str] | None:
+        """The subtrees a SNAPSHOT request asks for (None: malformed, dropped)."""
+        if payload is None:
+            return [""]
+        try:
+            request = p.unpack(payload)
+        except Exception as exc:
+            self.reject("snapshot request: not msgpack", f"{type(exc).__name__}: {exc}")
+            return None
+        if not isinstance(request, dict):
+            self.reject("snapshot request: not a map", p.brief(request))
+            return None
+        subtrees = request.get("subtrees", [""])
+        if not (
+            isinstance(subtrees, list)
+            and len(subtrees) <= p.MAX_SUBTREES
+            and all(isinstance(s, str) and len(s.encode(errors="replace")) <= p.MAX_KEY for s in subtrees)
+        ):
+            self.reject("snapshot request: subtrees not a list of strings", p.brief(subtrees))
+            return None
+        subtrees = list(dict.fromkeys(subtrees)) or [""]
+        new = [s for s in subtrees if s not in self.counts]
+        if len(self.counts) + len(new) > p.MAX_COUNTED_SUBTREES:
+            # Every heartbeat carries every count: the table must stay small.
+            self.reject("snapshot request: too many distinct subtrees", f"{len(self.counts)} counted")
+            return None
+        return subtrees
+
+    def snapshot(self, subtrees: list[str]) -> bytes:
         for s in subtrees:
             self.counts.setdefault(s, 0)
         entries = [
@@ -220,22 +295,63 @@ class _Loop:
     # -- updates ---------------------------------------------------------------
 
     def drain_collector(self) -> None:
-        for _ in range(10_000):  # bounded, so requests and heartbeats still get a turn
+        for _ in range(BATCH):
             try:
                 frames = self.collector.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 3:
-                continue
-            key_b, header, body = frames
             try:
-                key = key_b.decode()
-                ttl, refresh, origin = p.unpack(header)
-            except Exception:
-                continue
-            if not key:
-                continue
-            self.apply(key, body, ttl, bool(refresh), origin)
+                self.update(frames)
+            except Exception:  # a bug of ours: the server must go on regardless
+                self.internal_error("update")
+
+    def update(self, frames: list[bytes]) -> None:
+        """Check ``[key, packb([ttl, refresh, origin]), body]``, then apply it."""
+        if len(frames) != 3:
+            self.reject("update: wrong frame count", f"{len(frames)} frames")
+            return
+        key_b, header, body = frames
+        if not key_b:
+            self.reject("update: empty key")
+            return
+        if len(key_b) > p.MAX_KEY:
+            self.reject("update: key too long", f"{len(key_b)} bytes")
+            return
+        try:
+            key = key_b.decode()
+        except UnicodeDecodeError:
+            self.reject("update: key not UTF-8", p.brief(key_b))
+            return
+        if len(header) > 128:  # a real one is about 30 bytes
+            self.reject("update: header not [ttl, refresh, origin]", f"{len(header)} bytes")
+            return
+        try:
+            fields = p.unpack(header)
+        except Exception as exc:
+            self.reject("update: header not msgpack", f"{type(exc).__name__}: {exc}")
+            return
+        if not (isinstance(fields, list) and len(fields) == 3):
+            self.reject("update: header not [ttl, refresh, origin]", p.brief(fields))
+            return
+        ttl, refresh, origin = fields
+        if not p.is_ttl(ttl):
+            self.reject("update: bad ttl", p.brief(ttl))
+            return
+        if type(refresh) is not bool:
+            self.reject("update: bad refresh flag", p.brief(refresh))
+            return
+        if not (isinstance(origin, bytes) and len(origin) == p.ORIGIN_LEN):
+            # b"" is kept for the server's own updates (expiries).
+            self.reject("update: bad origin", p.brief(origin))
+            return
+        if len(body) > p.MAX_BODY:
+            self.reject("update: body too large", f"{len(body)} bytes")
+            return
+        # Decoded once here so that no client ever has to meet a body it cannot decode.
+        if body != p.DELETED and not p.decodes(body):
+            self.reject("update: body not msgpack", f"{len(body)} bytes {p.brief(body[:16])}")
+            return
+        self.apply(key, body, ttl, refresh, origin)
 
     def apply(self, key: str, body: bytes, ttl: float | None, refresh: bool, origin: bytes) -> None:
         current = self.store.get(key)
@@ -245,12 +361,16 @@ class _Loop:
             del self.store[key]
             self.deadline.pop(key, None)
         else:
-            if ttl is not None and ttl > 0:
+            if ttl is not None:
                 deadline = time.monotonic() + ttl
                 self.deadline[key] = deadline
                 heapq.heappush(self.heap, (deadline, key))
+                if len(self.heap) > 2 * len(self.deadline) + 1024:
+                    # Every refresh leaves a stale entry until its deadline; a
+                    # flood of refreshes with long TTLs must not pile them up.
+                    self.heap = [(d, k) for k, d in self.deadline.items()]
+                    heapq.heapify(self.heap)
             else:
-                ttl = None
                 self.deadline.pop(key, None)
             # A refresh of an unchanged key only moves its deadline: publishing
             # it would wake every client every ttl/3 for nothing.
