@@ -6,7 +6,7 @@ import pytest
 from zpipe.assemble import Assembler
 from zpipe.plugin import Batch, Scan
 from zpipe.topology.model import AssembleSpec
-from zpipe.wire import BadMessage
+from zpipe.scans.messages import Rejected as BadMessage
 
 SPEC = AssembleSpec(key="frame_number", part="module", parts=4, shape=[3, 5], dtype="uint16")
 

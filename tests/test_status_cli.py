@@ -28,11 +28,11 @@ def moving(node: dict) -> bool:
 
 @pytest.fixture
 def registry():
-    """A stand-alone registry on a free port of 127.0.0.1; it prints its address once bound."""
-    proc = subprocess.Popen([sys.executable, "-m", "zpipe.kv", "--bind", "tcp://127.0.0.1:0"],
+    """A stand-alone registry (with the accountant that closes scans) on a free port of 127.0.0.1."""
+    proc = subprocess.Popen([sys.executable, "-m", "zpipe", "kv", "--bind", "tcp://127.0.0.1:0"],
                             stdout=subprocess.PIPE, text=True)
     try:
-        address = proc.stdout.readline().strip()
+        address = proc.stdout.readline().strip().removeprefix("zpipe kv: serving at ")
         assert address.startswith("tcp://127.0.0.1:"), address
         yield address
     finally:
@@ -65,7 +65,7 @@ def test_status_json_while_streaming_and_done_after(tmp_path, registry):
                 run.kill()
                 run.wait(10)
         so.seek(0)
-        assert "scan 1 in" in so.read()
+        assert "scan 1 complete in" in so.read()
 
     after = status_json(registry)  # the run is over; scan records stay in the registry
     last = after["scans"][-1]

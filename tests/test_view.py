@@ -74,7 +74,7 @@ def test_finished_and_vanished_replicas_and_reports():
     tr.on_change("status/producer/0", None)  # withdrawn as the process exits
     tr.on_change("status/nodegroup/0", snap("nodegroup", 0, "nodegroup", 2.0, 5, 0))
     tr.on_change("status/nodegroup/0", None)  # vanished while streaming: it died
-    tr.on_change("scans/1/report/0", {"received": 40, "expected": 40})
+    tr.on_change("scans/1/part/0", {"received": 40, "sent": 40, "final": True})
     tr.expect("aggregator", 0, "aggregator", "localhost")
     p = tr.picture()
     assert {r.label: r.state for r in p.rows} == {"producer[0]": "done", "aggregator[0]": "starting",

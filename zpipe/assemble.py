@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from zpipe.topology.model import AssembleSpec
-from zpipe.wire import BadMessage
+from zpipe.scans.account import KeySet
+from zpipe.scans.messages import Rejected
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Assembler:
     ready: list[_Item] = field(default_factory=list)
     incomplete: list[_Item] = field(default_factory=list)
     key_range: tuple[int, int] | None = None  # (first, count) when the source said which keys to expect
-    seen: "KeySet" = None  # every key that showed at least one part
+    seen: KeySet = None  # every key that showed at least one part
     done_complete: int = 0
     done_incomplete: int = 0
 
@@ -54,34 +55,36 @@ class Assembler:
     def add(self, header: dict[str, Any], payload) -> bool:
         """Place one part (kept by reference, not copied); True if it completed its item.
 
-        Raises BadMessage (and changes nothing) if the part does not fit.
+        Raises Rejected (and changes nothing) if the part does not fit.
         """
         spec = self.spec
-        try:
-            key = int(header[spec.key])
-            part = int(header[spec.part])
-        except KeyError as exc:
-            raise BadMessage(f"header lacks {exc.args[0]!r}") from None
-        except (TypeError, ValueError):
-            raise BadMessage(f"{spec.key!r} and {spec.part!r} must be integers") from None
+        key, part = header.get(spec.key), header.get(spec.part)
+        if type(key) is not int or type(part) is not int:
+            missing = spec.key if spec.key not in header else spec.part if spec.part not in header else None
+            if missing is not None:
+                raise Rejected("part without its key", f"header lacks {missing!r}")
+            raise Rejected("part without its key", f"{spec.key!r} and {spec.part!r} must be integers")
         if not 0 <= part < spec.parts:
-            raise BadMessage(f"{spec.part} {part} out of range 0..{spec.parts - 1}")
+            raise Rejected("part number out of range", f"{spec.part} {part} out of range 0..{spec.parts - 1}")
+        if self.key_range is not None and not 0 <= key - self.key_range[0] < self.key_range[1]:
+            first, count = self.key_range
+            raise Rejected("item outside the scan", f"{spec.key} {key} is not in {first}..{first + count - 1}")
         view = memoryview(payload)
         if view.nbytes != self.part_bytes:
-            raise BadMessage(f"payload of {view.nbytes} bytes; a part is {self.part_bytes} "
-                             f"({'x'.join(map(str, self.part_shape))} {self.dtype.name})")
+            raise Rejected("part of the wrong size", f"payload of {view.nbytes} bytes; a part is {self.part_bytes} "
+                           f"({'x'.join(map(str, self.part_shape))} {self.dtype.name})")
         item = self.pending.get(key)
         if item is None:
             item = self.stale.get(key)  # a late part of an item given up for lost: still welcome
         if item is None:
             if key in self.seen:
-                raise BadMessage(f"{spec.part} {part} of {spec.key} {key}, which was already complete")
+                raise Rejected("part of an item already complete", f"{spec.part} {part} of {spec.key} {key}, which was already complete")
             self.seen.add(key)
             header = dict(header)
             del header[spec.part]
             item = self.pending[key] = _Item([None] * spec.parts, header)
         elif item.seen & (1 << part):
-            raise BadMessage(f"duplicate {spec.part} {part} of {spec.key} {key}")
+            raise Rejected("duplicate part", f"duplicate {spec.part} {part} of {spec.key} {key}")
         item.parts[part] = view
         item.seen |= 1 << part
         newest = self.newest[part]
@@ -158,36 +161,3 @@ class Assembler:
     @property
     def in_flight(self) -> int:
         return len(self.pending) + len(self.stale) + len(self.ready) + len(self.incomplete)
-
-
-class KeySet:
-    """The keys seen in a scan: a bitmap over the announced range (one byte per frame, not a
-    Python int each), so memory does not grow 60-fold with the scan; a set for strays."""
-
-    def __init__(self, key_range: tuple[int, int] | None):
-        self.first, count = key_range if key_range else (0, 0)
-        self.bits = np.zeros(count, dtype=bool)
-        self.extra: set[int] = set()
-
-    def add(self, key: int) -> None:
-        i = key - self.first
-        if 0 <= i < len(self.bits):
-            self.bits[i] = True
-        else:
-            self.extra.add(key)
-
-    def __contains__(self, key: int) -> bool:
-        i = key - self.first
-        return bool(self.bits[i]) if 0 <= i < len(self.bits) else key in self.extra
-
-    def merge(self, other: "KeySet") -> None:
-        if len(self.bits) == len(other.bits) and self.first == other.first:
-            self.bits |= other.bits
-        else:
-            for k in other.keys():
-                self.add(int(k))
-        self.extra |= other.extra
-
-    def keys(self):
-        yield from (np.flatnonzero(self.bits) + self.first).tolist()
-        yield from self.extra

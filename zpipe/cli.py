@@ -107,12 +107,26 @@ def cmd_status(args) -> int:
 
 
 def cmd_kv(args) -> int:
+    import threading
+
     from zpipe.kv.server import serve
+    from zpipe.scans.accountant import Accountant
+
+    accountant = []
 
     def ready(address: str) -> None:
         print(f"zpipe kv: serving at {address}", flush=True)
+        # The accountant closes every scan's account beside the registry (zpipe.scans.accountant);
+        # it is the server's client, so it starts once the server's loop runs.
+        acc = Accountant(address, args.output_dir)
+        accountant.append(acc)
+        threading.Thread(target=acc.start, name="accountant-start", daemon=True).start()
 
-    serve(args.bind, advertise=args.advertise, heartbeat=args.heartbeat, on_ready=ready)
+    try:
+        serve(args.bind, advertise=args.advertise, heartbeat=args.heartbeat, on_ready=ready)
+    finally:
+        for a in accountant:
+            a.stop()
     return 0
 
 
@@ -157,6 +171,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="tcp://127.0.0.1:5555")
     p.add_argument("--advertise", help="host or IP clients reach this server at, if --bind is 0.0.0.0")
     p.add_argument("--heartbeat", type=float, default=1.0)
+    p.add_argument("--output-dir", help="where the accountant writes each scan's report (default: only in the registry)")
     p.set_defaults(func=cmd_kv)
     return ap
 

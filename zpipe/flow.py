@@ -7,6 +7,7 @@ message: counters are published a few times a second and when a scan ends.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from zpipe.kv import KVClient
@@ -42,7 +43,7 @@ def flow_key(node: str, replica: int, scan: int | str) -> str:
 
 
 def publish(kv: KVClient, node: str, replica: int, scan: int | str, **record) -> None:
-    kv.set(flow_key(node, replica, scan), record)
+    kv.set(flow_key(node, replica, scan), {**record, "updated": time.time()})
 
 
 def expected(kv: KVClient, ups: list[Upstream], scan: int) -> int | None:

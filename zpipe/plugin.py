@@ -61,6 +61,8 @@ class Context:
     host: str = "localhost"
     output_dir: str = "."
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("zpipe.plugin"))
+    analysis: str = ""  # the analysis's name in its node group (an analysis may be listed twice)
+    run: str = ""  # the same for every worker of one node group in one run, unique otherwise
 
 
 class Plugin(Generic[P]):

@@ -1,8 +1,14 @@
 """`zpipe run`: start the registry (if this host owns it) and every node replica placed on this host, and supervise them.
 
 Each replica is its own process in its own session, so Ctrl-C reaches only the runner,
-which then stops the replicas in order: SIGTERM, a bounded wait, SIGKILL. A replica that
-crashes is reported with its traceback and ends the run non-zero.
+which then stops the replicas in order: SIGTERM, a bounded wait, SIGKILL. A replica that dies
+is reported with its last output, and the run goes on without it: its peers notice (zpipe.roster)
+and every scan is still accounted for, by the accountant that runs beside the registry
+(zpipe.scans.accountant). Should nothing move for STALL seconds after a death, the rest is
+stopped. The exit code says how the scans ended (docs/accounting.md):
+0 every scan complete; 3 every scan accounted, some with losses named or a node died;
+4 some scan failed (its account is partial, or an analysis failed), or the run stalled;
+1 the run could not start; 2 a usage error; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import uuid
 import subprocess
 import sys
 import threading
@@ -18,9 +25,14 @@ from dataclasses import dataclass, field
 
 from zpipe import view
 from zpipe.kv import KVClient, KVServer
+from zpipe.runtime import PIPELINE_KEY
+from zpipe.scans.accountant import Accountant
 from zpipe.topology import Topology
 
 STOP_GRACE = 5.0  # seconds a replica gets between SIGTERM and SIGKILL
+STALL = 60.0  # seconds without progress, after a node died, before the rest is stopped
+EXIT_COMPLETE, EXIT_INCOMPLETE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 3, 4, 130
+ACCOUNT_WAIT = 15.0  # seconds to wait for a remote accountant to close this run's scans
 
 
 @dataclass
@@ -67,7 +79,10 @@ class Runner:
         self.out, self.err = out, err
         self.replicas: list[Replica] = []
         self.server: KVServer | None = None
+        self.accountant: Accountant | None = None
         self.kv: KVClient | None = None
+        self.pipe: str | None = None
+        self.died: list[str] = []
         self._stop = threading.Event()
         self._print_lock = threading.Lock()
         self.display: view.Display | None = None  # the live view or plain progress lines (zpipe/view.py)
@@ -84,7 +99,18 @@ class Runner:
                            f"give its address with --registry")
         hs = self.topology.hosts[self.host]
         self.server = KVServer(f"tcp://{hs.bind or hs.address}:{reg.port}").start()
+        self.accountant = Accountant(self.server.address, self.output_dir).start()
         return self.server.address
+
+    def _pipeline(self) -> str:
+        """The pipeline's identity in the registry: ours if we run the registry (or none is there yet)."""
+        current = self.kv.get(PIPELINE_KEY)
+        if self.server is None and isinstance(current, dict) and isinstance(current.get("id"), str):
+            return current["id"]
+        pipe = uuid.uuid4().hex[:16]
+        self.kv.set(PIPELINE_KEY, {"id": pipe, "topology": self.topology.name, "host": self.host,
+                                   "started": time.time()})
+        return pipe
 
     # -- processes -----------------------------------------------------------------------------
     def _spawn(self, registry: str) -> None:
@@ -131,11 +157,11 @@ class Runner:
     def run(self) -> int:
         old = {s: signal.signal(s, lambda *_: self._stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         t0 = time.monotonic()
-        code = 1
         try:
             os.makedirs(self.output_dir, exist_ok=True)
             registry = self._registry()
             self.kv = KVClient(registry, name="runner").start()
+            self.pipe = self._pipeline()
             print(f"zpipe: {self.topology.name} on host {self.host}, registry at {registry}", file=self.err, flush=True)
             # In-process node groups (under MPI) log straight to stderr, which would tear a live view.
             self.display = view.for_runner(self.kv, self.topology, self.host, self.err, self._print_lock,
@@ -143,75 +169,143 @@ class Runner:
             self._spawn(registry)
             if self.on_registry:
                 self.on_registry(registry)
-            code = self._supervise()
-            if code == 0:
-                for line in self.scan_lines():
-                    print(line, file=self.out, flush=True)
-                print(self.summary(time.monotonic() - t0), file=self.out, flush=True)
-            return code
+            ended = self._supervise()
+            self._view_off()
+            self._terminate()
+            if self.accountant is not None:
+                why = {"interrupted": "the run was interrupted before it closed the scan",
+                       "stalled": "the run stalled and was stopped before it closed the scan"}.get(
+                    ended, "the run ended before every party of the scan reported")
+                self.accountant.finish(why, timeout=3.0)
+            outcomes = self.report_scans()
+            print(self.summary(time.monotonic() - t0), file=self.out, flush=True)
+            return self.exit_code(ended, outcomes)
         finally:
             self._view_off()
             self._terminate()
             if self.kv:
                 self.kv.close()
+            if self.accountant:
+                self.accountant.stop()
             if self.server:
                 self.server.stop()
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def _supervise(self) -> int:
+    def exit_code(self, ended: str, outcomes: list[str]) -> int:
+        if ended == "interrupted":
+            return EXIT_INTERRUPTED
+        if ended == "stalled" or "failed" in outcomes or (self.died and not outcomes):
+            return EXIT_FAILED
+        if "incomplete" in outcomes or self.died:
+            return EXIT_INCOMPLETE
+        return EXIT_COMPLETE
+
+    def _supervise(self) -> str:
+        """Until every replica here has ended ("done"), a signal ("interrupted"), or a stall after a death ("stalled")."""
+        reported: set[int] = set()
+        progress, moved = None, time.monotonic()
         while True:
             if self._stop.is_set():
                 self._view_off()
                 print("zpipe: stopping (signal received)", file=self.err, flush=True)
                 self._terminate()
-                return 130
+                return "interrupted"
             codes = [(r, r.proc.poll()) for r in self.replicas]
-            failed = [(r, c) for r, c in codes if c not in (None, 0)]
+            for r, c in codes:
+                if c not in (None, 0) and id(r) not in reported:
+                    reported.add(id(r))
+                    self._died(r, c)
             for label, thread, result in self.local:
-                if not thread.is_alive() and result and result[0] != 0:
-                    self._view_off()
+                if not thread.is_alive() and result and result[0] != 0 and label not in self.died:
+                    self.died.append(label)
                     print(f"zpipe: node {label} (in this process) failed with exit code {result[0]}",
                           file=self.err, flush=True)
-                    return 1
-            if all(c == 0 for _, c in codes) and any(th.is_alive() for _, th, _ in self.local):
-                time.sleep(0.05)
-                continue
-            if failed:
-                time.sleep(0.2)  # let the reader catch the traceback's last lines
-                self._view_off()
-                for r, c in failed:
-                    if r.reader:
-                        r.reader.join(timeout=1.0)
-                    tail = "\n".join(f"    {line}" for line in r.tail)
-                    print(f"zpipe: node {r.label} failed with exit code {c}; its last output:\n{tail}",
-                          file=self.err, flush=True)
-                return 1
-            if all(c == 0 for _, c in codes):
-                self._view_off()
-                return 0
+            if all(c is not None for _, c in codes) and not any(th.is_alive() for _, th, _ in self.local):
+                return "done"
+            if self.died:
+                now = time.monotonic()
+                sign = self._progress()
+                if sign != progress:
+                    progress, moved = sign, now
+                elif now - moved > STALL:
+                    self._view_off()
+                    print(f"zpipe: nothing moved for {STALL:.0f} s after {', '.join(self.died)} died; stopping the "
+                          f"rest", file=self.err, flush=True)
+                    self._terminate()
+                    return "stalled"
             time.sleep(0.05)
+
+    def _died(self, r: Replica, code: int) -> None:
+        time.sleep(0.2)  # let the reader catch the traceback's last lines
+        if r.reader:
+            r.reader.join(timeout=1.0)
+        self.died.append(r.label)
+        how = f"was killed by signal {-code}" if code < 0 else f"failed with exit code {code}"
+        tail = "\n".join(f"    {line}" for line in r.tail)
+        self._view_off()
+        print(f"zpipe: node {r.label} {how}; the run goes on without it; its last output:\n{tail}",
+              file=self.err, flush=True)
+
+    def _progress(self) -> tuple:
+        """What moves while a pipeline works: replicas ending, scans closing, messages counted."""
+        closed = len(self.accountant.closed) if self.accountant else 0
+        status = self.kv.items("status/")
+        moved = sum(int(v.get("msgs_in", 0)) + int(v.get("msgs_out", 0)) for v in status.values() if isinstance(v, dict))
+        ended = sum(1 for r in self.replicas if r.proc.poll() is not None)
+        return closed, moved, ended
 
     def _view_off(self) -> None:
         """Before the runner prints on its own: the live view's last picture stays, untorn, above."""
         if self.display is not None:
             self.display.stop()
 
-    def scan_lines(self) -> list[str]:
-        """Each scan's account, as the node groups (or the disk fallback) closed it."""
-        lines = []
-        records = {k: v for k, v in self.kv.items("scans/").items() if k.count("/") == 1}
-        for key in sorted(records, key=lambda k: int(k.split("/")[1])):
-            rec = records[key]
-            if rec.get("summary"):
-                lines.append(f"{rec['summary']}; report {rec.get('report_file', '?')}")
-            elif rec.get("fallback"):
+    def _records(self) -> dict[int, dict]:
+        records = {}
+        for k, rec in self.kv.items("scans/").items():
+            scan = k.split("/")[1] if k.count("/") == 1 else ""
+            if scan.isdigit() and isinstance(rec, dict) and rec.get("pipe") in (None, self.pipe):
+                records[int(scan)] = rec
+        return records
+
+    def report_scans(self) -> list[str]:
+        """Print each scan's account (this run's scans); return their outcomes. Reports this host's
+        accountant did not write (an external registry's did) are written to the output directory here."""
+        records = self._records()
+        if self.accountant is None:  # the registry's accountant closes them: give it a moment (bounded)
+            deadline = time.monotonic() + ACCOUNT_WAIT
+            while time.monotonic() < deadline and any(
+                    not r.get("summary") and not r.get("fallback") for r in records.values()):
+                time.sleep(0.1)
+                records = self._records()
+        if self.accountant is not None:
+            for scan, rep in self.accountant.reports.items():
+                if scan in records or rep.get("scan") == scan:
+                    records[scan] = {**records.get(scan, {}), "summary": rep["summary"], "outcome": rep["outcome"],
+                                     "report_file": rep.get("report_file")}
+        outcomes = []
+        for scan in sorted(records):
+            rec = records[scan]
+            if rec.get("fallback"):
                 fb = rec["fallback"]
-                lines.append(f"scan {rec['scan']}: no node group; written to disk as {fb.get('files', '?')} files "
-                             f"in {fb.get('directory')} (manifest {fb.get('manifest', '?')})")
+                outcomes.append(rec.get("outcome", "complete"))
+                line = (f"scan {scan}: no node group; written to disk as {fb.get('files', '?')} files in "
+                        f"{fb.get('directory')} (manifest {fb.get('manifest', '?')})")
+            elif rec.get("summary"):
+                outcomes.append(rec.get("outcome", "failed"))
+                path = rec.get("report_file")
+                if not path and self.accountant is None:
+                    rep = self.kv.get(f"scans/{scan}/report")
+                    if isinstance(rep, dict):
+                        from zpipe.scans.record import write_json
+                        path = write_json(os.path.join(self.output_dir, f"scan_{scan}_report.json"), rep)
+                line = f"{rec['summary']}; report {path or '?'}"
             else:
-                lines.append(f"scan {rec.get('scan')}: {rec.get('status', '?')}")
-        return lines
+                outcomes.append("failed")
+                line = (f"scan {scan}: {rec.get('status', '?')}; no account: the registry's accountant never closed it "
+                        f"(`zpipe kv` and `zpipe run` on the registry's host run one; `python -m zpipe.kv` is the bare store)")
+            print(line, file=self.out, flush=True)
+        return outcomes
 
     def summary(self, seconds: float) -> str:
         """One line: what each node on this host moved, and anything else it counted."""

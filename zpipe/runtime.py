@@ -1,8 +1,9 @@
-"""What one node replica needs at run time: its spec, the registry, and its sockets opened by name.
+"""What one node replica needs at run time: its spec, the registry, the pipeline's identity, and its sockets.
 
 Sockets that bind take a free port (unless the topology fixes one) and publish their
 reachable address in the registry; sockets that connect find their peers there and follow
-them as replicas come and go.
+them as replicas come and go. Each replica announces itself alive (zpipe.roster) and stamps
+every message it sends with the pipeline's id, which the registry holds (`pipeline`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 import zmq
 
 from zpipe import wire
 from zpipe.kv import KVClient
+from zpipe import roster
 from zpipe.registry import Endpoint, Follower, Registry, reachable
 from zpipe.status import Meter, Publisher, WarningsToMeter
 from zpipe.topology import NodeSpec, SocketSpec, Topology
+from zpipe.topology.plan import scan_plan
 
 log = logging.getLogger("zpipe.runtime")
 
@@ -28,6 +32,23 @@ SOCKET_TYPES = {
 }
 CLOSE_LINGER_MS = 30_000  # a finished sender waits this long at most for its queue to drain
 ABORT_LINGER_MS = 0
+MAX_MESSAGE = 1 << 30  # bytes: a receiving socket drops a peer that sends a bigger message part
+PIPELINE_KEY = "pipeline"
+PIPELINE_WAIT = 10.0
+
+
+def pipeline_id(kv: KVClient, timeout: float = PIPELINE_WAIT) -> str:
+    """The pipeline's identity, as the runner that owns the registry published it."""
+
+    def known(items: dict) -> bool:
+        value = items.get(PIPELINE_KEY)
+        return isinstance(value, dict) and isinstance(value.get("id"), str)
+
+    try:
+        return kv.wait(known, prefix=PIPELINE_KEY, timeout=timeout)[PIPELINE_KEY]["id"]
+    except TimeoutError:
+        raise RuntimeError(f"the registry at {kv.address} holds no pipeline id (`{PIPELINE_KEY}`) after "
+                           f"{timeout:g} s; is it a zpipe run's registry?") from None
 
 
 @dataclass
@@ -57,7 +78,7 @@ class Link:
 
 # What a node reads from the store. Not `status/`: every node publishes there a few times a
 # second for viewers, and a node that took them all would spend CPU on every other node's status.
-NODE_SUBTREES = ("endpoints/", "scans/", "flow/", "totals/", "results/", "failures/")
+NODE_SUBTREES = ("endpoints/", "scans/", "flow/", "totals/", "results/", "failures/", roster.PREFIX, PIPELINE_KEY)
 
 
 class NodeRuntime:
@@ -74,6 +95,11 @@ class NodeRuntime:
         self.ctx = zmq.Context()
         self.kv = KVClient(registry_address, NODE_SUBTREES, name=f"{node}[{replica}]").start()
         self.registry = Registry(self.kv)
+        self.roster = roster.Roster(self.kv)
+        self.plan = scan_plan(topology)
+        self.label = f"{node}[{replica}]"
+        self.pipe = pipeline_id(self.kv)
+        roster.announce(self.kv, node, replica, host=host, role=self.spec.role, pipe=self.pipe)
         self.meter = Meter(node, replica, self.spec.role, host, os.getpid())
         logging.getLogger().addHandler(WarningsToMeter(self.meter))
         self.status = Publisher(self.kv, self.meter, topology.status.interval)
@@ -88,7 +114,7 @@ class NodeRuntime:
     def open(self, sname: str) -> Link:
         """Open the node's socket `sname` as the topology declares it (call from the thread that uses it)."""
         spec = self.spec.sockets[sname]
-        sock = self._new_socket(spec)
+        sock = self.new_socket(spec)
         link = Link(sname, spec, sock)
         if spec.binds:
             sock.bind(self._bind_address(sname, spec))
@@ -117,7 +143,7 @@ class NodeRuntime:
 
     def bind_as(self, name: str, spec: SocketSpec) -> zmq.Socket:
         """A socket bound on any free port and registered under `name` (for the node's own plumbing)."""
-        sock = self._new_socket(spec)
+        sock = self.new_socket(spec)
         sock.bind(self._bind_address(name, spec))
         ep = Endpoint(self.name, self.replica, name,
                       reachable(sock.getsockopt_string(zmq.LAST_ENDPOINT), self.host_spec.address),
@@ -127,21 +153,7 @@ class NodeRuntime:
             self._published.append(ep)
         return sock
 
-    def connect_to(self, sname: str, peer_node: str, peer_socket: str, replica: int = 0) -> zmq.Socket:
-        """A new socket of this node's `sname` kind, connected to one replica of `peer_node.peer_socket`."""
-        sock = self._new_socket(self.spec.sockets[sname])
-        ep = self.registry.resolve(peer_node, peer_socket, replicas=replica + 1, timeout=self.resolve_timeout)
-        sock.connect(ep[replica].address)
-        return sock
-
-    def connect_to_endpoint(self, node: str, name: str, replica: int) -> zmq.Socket:
-        """A PUSH connected to replica `replica` of the node's own registered endpoint `name`."""
-        sock = self._new_socket(SocketSpec(pattern="push", hwm=100_000))
-        eps = self.registry.resolve(node, name, replicas=replica + 1, timeout=self.resolve_timeout)
-        sock.connect(next(e for e in eps if e.replica == replica).address)
-        return sock
-
-    def _new_socket(self, spec: SocketSpec) -> zmq.Socket:
+    def new_socket(self, spec: SocketSpec) -> zmq.Socket:
         sock = self.ctx.socket(SOCKET_TYPES[spec.pattern])
         # Bounded, not zero: a socket closed by garbage collection still delivers what is
         # queued. An abort closes everything with linger 0 (see close()).
@@ -154,6 +166,8 @@ class NodeRuntime:
             sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue to a peer that is not connected
         if spec.pattern == "sub":
             sock.setsockopt(zmq.SUBSCRIBE, b"")
+        if spec.pattern in ("pull", "sub", "router", "rep", "dealer", "pair"):
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)  # a forged giant part cannot take the memory
         return sock
 
     def _bind_address(self, sname: str, spec: SocketSpec) -> str:
@@ -162,21 +176,32 @@ class NodeRuntime:
         iface = self.host_spec.bind or self.host_spec.address
         return f"tcp://{iface}:{spec.port or 0}"
 
-    def send(self, sock: zmq.Socket, msg, refresh=None) -> None:
-        """Send a message, blocking at the high-water mark (never dropping), but still answering stop.
-
-        The socket needs a send timeout; `refresh` follows peer replicas while we wait, and only
-        the thread owning the sockets may pass it.
+    def send(self, sock: zmq.Socket, msg, refresh=None, peers=()) -> None:
+        """Send a message, waiting at the high-water mark (never dropping), bounded by stop and by the
+        liveness of the downstream replicas `peers` [(node, replica), ...]: once every one of them is
+        gone (zpipe.roster), PeerGone. `refresh` follows peer replicas while we wait (owner thread only).
         """
+        from zpipe.transport.outbox import PeerGone
+
+        frames = [wire.pack_header(msg.header)] if msg.payload is None else [wire.pack_header(msg.header), msg.payload]
+        looked = time.monotonic()
         while True:
             try:
-                wire.send(sock, msg)
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
                 return
             except zmq.Again:
-                if self.stop.is_set():
-                    raise InterruptedError("stopped while sending") from None
+                pass
+            t0 = time.monotonic()
+            sock.poll(100, zmq.POLLOUT)
+            self.meter.blocked_s += time.monotonic() - t0
+            if self.stop.is_set():
+                raise InterruptedError("stopped while sending")
+            if time.monotonic() - looked > 0.05:
+                looked = time.monotonic()
                 if refresh:
                     refresh()
+                if peers and all(self.roster.gone(n, r) for n, r in peers):
+                    raise PeerGone(", ".join(f"{n}[{r}]" for n, r in peers), "every downstream replica is gone")
 
     def inputs(self, patterns=("pull", "sub")) -> list[str]:
         return [n for n, s in self.spec.sockets.items() if s.pattern in patterns]

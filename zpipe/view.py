@@ -202,9 +202,9 @@ def _scans(records: dict[str, dict], history: dict[str, list]) -> list[ScanView]
             for sid, v in scan_rates(h[0][1], snap).items():
                 speed[sid] = speed.get(sid, 0.0) + v
     for key, rep in records.items():
-        parts = key.split("/")  # scans/{id}/report/{replica}
-        if len(parts) == 4 and parts[2] == "report" and parts[3].isdigit() and isinstance(rep, dict):
-            counts.setdefault(parts[1], {})[int(parts[3])] = (rep.get("received", 0), rep.get("expected"))
+        parts = key.split("/")  # scans/{id}/part/{replica}: a node group's part, once it closed the scan
+        if len(parts) == 4 and parts[2] == "part" and parts[3].isdigit() and isinstance(rep, dict) and rep.get("final"):
+            counts.setdefault(parts[1], {})[int(parts[3])] = (rep.get("received", 0), rep.get("sent"))
     out = []
     for key, rec in records.items():
         sid = key.split("/", 1)[1]

@@ -3,38 +3,17 @@
 from __future__ import annotations
 
 import msgpack
-import zmq
 
 from zpipe.plugin import Message
+from zpipe.scans.messages import Rejected, decode as decode_header
 
-_pack = msgpack.Packer(use_bin_type=True).pack
-
-
-class BadMessage(ValueError):
-    """A message that cannot be decoded; carries the reason for the node's reject count."""
-
-
-def send(sock: zmq.Socket, msg: Message, flags: int = 0) -> None:
-    if msg.payload is None:
-        sock.send(_pack(msg.header), flags)
-    else:
-        sock.send(_pack(msg.header), flags | zmq.SNDMORE)
-        sock.send(msg.payload, flags, copy=False)
-
-
-def send_frames(sock: zmq.Socket, frames, flags: int = 0) -> None:
-    """Forward received frames unchanged (a relay never re-encodes)."""
-    sock.send_multipart(frames, flags, copy=False)
+pack_header = msgpack.Packer(use_bin_type=True).pack
 
 
 def decode(frames) -> Message:
+    """A received message as header and payload (the payload a zero-copy buffer); Rejected if malformed."""
     if not 1 <= len(frames) <= 2:
-        raise BadMessage(f"expected 1 or 2 frames (header, payload), got {len(frames)}")
-    try:
-        header = msgpack.unpackb(frames[0].buffer, raw=False)
-    except Exception as exc:
-        raise BadMessage(f"header is not msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise BadMessage(f"header must be a map, got {type(header).__name__}")
+        raise Rejected("wrong number of frames", f"{len(frames)}, expected 1 or 2 (header, payload)")
+    header = decode_header(frames[0])
     payload = frames[1].buffer if len(frames) == 2 else None
     return Message(header, payload)

@@ -42,7 +42,7 @@ def test_scan_completes_with_every_frame(tmp_path, name):
     assert r["complete"] == 256 and r["incomplete"] == 0 and r["ok"]
     assert r["analyses"]["framesum"]["frames"] == 256
     assert sorted(r["node_groups"]) == ["nodegroup[0]", "nodegroup[1]"]
-    assert re.search(r"scan 1 in [\d.]+ s \(streamed 0\.17 GB in [\d.]+ s, [\d.]+ GB/s\): "
+    assert re.search(r"scan 1 complete in [\d.]+ s \(streamed 0\.17 GB in [\d.]+ s, [\d.]+ GB/s\): "
                      r"expected 1,024, received 1,024; 256 complete \+ 0 incomplete", res.stdout)
     assert 0 < r["streaming_seconds"] <= r["seconds"] and r["bytes"] == 1024 * 144 * 576 * 2
 
@@ -89,18 +89,20 @@ def liar(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_scan_that_never_completes_ends_by_timeout_naming_what_is_missing(tmp_path, liar):
+def test_a_source_that_sends_less_than_it_planned_is_named_at_once_not_by_a_timeout(tmp_path, liar):
     out = tmp_path / "out"
     path = topology(tmp_path, "4dcamera-local.yaml", ("plugin: 4dcamera-sim", "plugin: liar"),
-                    ("scan_timeout: 10", "scan_timeout: 2"))
+                    ("scan_timeout: 10", "scan_timeout: 60"))
     t0 = time.monotonic()
     res = zpipe("run", path, "--output-dir", str(out), env=liar, timeout=110)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 3, res.stderr  # accounted, with a loss named
     r = report(out)
-    assert r["timed_out"] and r["expected"] == r["received"] + 1
+    assert r["outcome"] == "incomplete" and not r["ok"] and not r["timed_out"]
+    assert r["expected"] == r["sent"] + 1 == r["received"] + 1
     assert r["missing_parts"] == {"1010": [2]} and r["incomplete"] == 1 and r["complete"] == 255
-    assert "went quiet for 2.0 s" in res.stderr and "ended by timeout" in res.stdout
-    assert time.monotonic() - t0 < 40
+    assert "the sources sent 1,023 of the 1,024 messages they planned" in r["reasons"]
+    assert "scan 1 incomplete" in res.stdout and "1 missing parts (1010:[2])" in res.stdout
+    assert time.monotonic() - t0 < 40  # the senders' counts closed it, not the 60 s timeout
 
 
 @pytest.mark.timeout(180)
@@ -206,16 +208,21 @@ def test_bad_messages_are_rejected_counted_and_logged_once(tmp_path):
         assert registry, "runner did not say where its registry is"
         with KVClient(registry).start() as kv:
             ep = Registry(kv).resolve("nodegroup", "data@0", timeout=20)[0]
-            kv.wait(lambda items: any(v.get("status") == "streaming" for v in items.values()), prefix="scans/", timeout=30)
+            # Node group 0 has opened scan 1 (its part is published while the scan is open).
+            kv.wait(lambda items: "scans/1/part/0" in items, prefix="scans/", timeout=30)
+            pipe = kv.get("pipeline")["id"]
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 2000)
         push.connect(ep.address)
+        # Junk and messages of no pipeline: turned away by the node group, never part of the scan.
         good = {"scan": 1, "frame_number": 1000, "module": 0, "sender": "intruder"}
         push.send_multipart([b"\xc1not msgpack", b"x"])
         push.send_multipart([msgpack.packb({"frame_number": 3, "sender": "intruder"}), b"x"])
         push.send_multipart([msgpack.packb({**good, "scan": 999}), bytes(165888)])
-        push.send_multipart([msgpack.packb({**good, "frame_number": 1001}), bytes(100)])
-        push.send_multipart([msgpack.packb({**good, "frame_number": 1002}), bytes(100)])  # same reason: logged once
+        # Forged with the pipeline's id, claiming a real sender: part of scan 1's account.
+        forged = {**good, "pipe": pipe, "sender": "producer[0]/0"}
+        push.send_multipart([msgpack.packb({**forged, "frame_number": 5000}), bytes(165888)])
+        push.send_multipart([msgpack.packb({**forged, "frame_number": 5001}), bytes(165888)])  # same reason: logged once
         push.close()
         stdout, stderr = proc.communicate(timeout=90)
     finally:
@@ -223,14 +230,14 @@ def test_bad_messages_are_rejected_counted_and_logged_once(tmp_path):
         if proc.poll() is None:
             proc.kill()
     stderr = stderr if proc.returncode is not None else ""
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 3, stderr  # every loss named: incomplete
     r = report(out)
-    assert r["rejected"] == 5
-    assert r["complete"] == 256 and r["expected"] == 1024
-    assert "header is not a msgpack map" in stderr
-    assert "from intruder: header has no integer 'scan'" in stderr
-    assert "from intruder: unknown scan 999" in stderr
-    assert stderr.count("payload of 100 bytes; a part is 165888") == 1
+    assert r["complete"] == 256 and r["expected"] == r["received"] == 1024
+    assert r["outcome"] == "incomplete" and r["rejected"] + sum(r.get("late", {}).get("nodegroup[0]", {}).values()) == 2
+    assert "rejected 5" in stdout  # the node group's own count: every message turned away
+    assert "from unknown sender: header is not msgpack" in stderr
+    assert "from intruder: not this pipeline" in stderr
+    assert stderr.count("from producer[0]/0:") == 1
 
 
 @pytest.mark.timeout(30)

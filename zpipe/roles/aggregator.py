@@ -1,186 +1,326 @@
 """The aggregator role: one channel per producer replica, relaying each message to the node group its `route` field picks.
 
-Each channel (`threads` of them, 1:1 with producer replicas: a pull socket in and a push
-per node group out) first collects the expected-count maps of its producer's threads, adds
-them up and tells every node group of the scan how many messages to expect from it; then
-it runs a tight pull-decode-push loop, so that all parts of an item meet on one node group.
-Messages are forwarded as received (zero-copy), never re-encoded. One thread serves every
-channel (see _Relay): per message it only decodes a small header.
+Each channel (`threads` of them, 1:1 with producer replicas: a pull socket in and a push per
+node group out) checks every message against the scan protocol (zpipe.scans.messages) before
+acting on it: the pipeline's id, a sender among its producer's threads, an `info` before the
+sender's data, one `done` and one `end` each. At a scan's first `info` it tells every node group
+of the scan (its own `info`), relays the data (zero-copy, never re-encoded), and once every
+producer thread has said `done` (or is gone) tells each node group how many it relayed to it.
+A node group that dies or freezes mid-scan is noticed (zpipe.roster): the rest of its share goes
+to the scan's node groups still alive, so the scan ends on them. One thread serves every
+channel (zpipe.transport.inbox); a channel whose node group has no room is held while the
+others go on.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
-import msgpack
 import zmq
 
-from zpipe import flow, scan as scans
-from zpipe.inbox import Inbox
-from zpipe.roles.producer import downstream
-from zpipe.routing import Router, Undeliverable
+from zpipe import flow
+from zpipe.scans import messages
+from zpipe.scans.messages import Rejected, Rejects, sender_of
+from zpipe.transport.inbox import Inbox
+from zpipe.transport.outbox import Outbox, PeerGone
 from zpipe.runtime import NodeRuntime
 
 log = logging.getLogger("zpipe.aggregator")
-_pack = msgpack.Packer(use_bin_type=True).pack
 HELD_POLL_MS = 1  # how often held channels try again
 
 
-class Rejects:
-    """Counts rejected messages; logs each distinct (reason, sender) once, not per message."""
-
-    def __init__(self, where: str, meter=None):
-        self.where, self.count, self._seen = where, 0, set()
-        self.meter = meter
-        self._lock = threading.Lock()
-
-    def add(self, reason: str, sender: str = "unknown sender") -> None:
-        with self._lock:
-            self.count += 1
-            if self.meter is not None:
-                self.meter.rejected = self.count
-            if (reason, sender) not in self._seen:
-                self._seen.add((reason, sender))
-                log.warning("%s rejected a message from %s: %s", self.where, sender, reason)
-
-
 def run(rt: NodeRuntime, _make_plugin) -> dict:
-    spec, topo = rt.spec, rt.topology
-    in_name, out_name = rt.inputs()[0], rt.outputs()[0]
-    ups = flow.upstreams(topo, rt.name, in_name)
-    producer_threads = topo.nodes[ups[0].node].threads
-    ng_node, ng_sock = downstream(topo, rt.name, out_name)
-    ng_threads = topo.nodes[ng_node].threads
-    rejects = Rejects(f"{rt.name}[{rt.replica}].{in_name}", rt.meter)
+    plan = rt.plan
+    rejects = Rejects(rt.label, rt.meter)
     channels: list[_Channel] = []
     ok = False
     try:
-        for t in range(spec.threads):
-            channels.append(_Channel(t, rt.bind_per_thread(in_name, t),
-                                     Router(rt, out_name, ng_node, f"{ng_sock}@{t % ng_threads}")))
-        _Relay(rt, channels, producer_threads, spec.route, rejects).run()
+        for c in range(rt.spec.threads):
+            out = Outbox(rt, plan.aggregator_out, plan.node_group, f"{plan.node_group_in}@{plan.ng_socket_of_replica(c)}")
+            channels.append(_Channel(c, rt.bind_per_thread(plan.aggregator_in, c), out, plan.channel_origins(c),
+                                     plan.channel_sender(c)))
+        relay = _Relay(rt, channels, rejects)
+        relay.run()
         ok = True
     finally:
         for ch in channels:
-            ch.router.close(linger_ms=30_000 if ok else 0)
+            ch.out.close(linger_ms=30_000 if ok else 0)
             ch.pull.close(linger=0)
-    out = {k: sum(ch.totals[k] for ch in channels) for k in ("messages", "bytes", "undeliverable")}
+    out = {k: sum(ch.totals[k] for ch in channels) for k in ("messages", "bytes", "undeliverable", "rerouted")}
     out["rejected"] = rejects.count
     flow.publish(rt.kv, rt.name, rt.replica, "end", done=True, **out)
     return out
 
 
 @dataclass
+class _Scan:
+    """One scan as one channel sees it."""
+
+    id: int
+    node_groups: list[int]
+    meta: dict
+    infos: set = field(default_factory=set)  # producer threads that announced the scan
+    dones: dict = field(default_factory=dict)  # producer thread -> messages it says it sent
+    received: int = 0
+    forwarded: dict = field(default_factory=dict)  # node group -> data messages relayed to it
+    gone: set = field(default_factory=set)  # node groups found gone during the scan
+    undeliverable: int = 0
+    rerouted: int = 0
+    closed: bool = False
+
+
+@dataclass
 class _Channel:
     """One producer replica's stream: its own pull socket in, its own push per node group out."""
 
-    t: int
+    c: int
     pull: zmq.Socket
-    router: Router
-    ends: int = 0
-    infos: dict[int, list[dict]] = field(default_factory=dict)
-    held: tuple | None = None  # (target, frames, since) waiting for room downstream
-    totals: dict = field(default_factory=lambda: {"messages": 0, "bytes": 0, "undeliverable": 0})
+    out: Outbox
+    origins: frozenset  # the producer threads that may send on this channel
+    me: str  # our sender id toward the node groups
+    scans: dict = field(default_factory=dict)  # scan -> _Scan
+    closed: set = field(default_factory=set)  # scans closed on this channel
+    ended: set = field(default_factory=set)  # producer threads that sent `end`
+    gone: set = field(default_factory=set)  # producer threads found gone
+    finished: bool = False
+    queue: deque = field(default_factory=deque)  # (node group or None, frames, scan state, key) waiting to go
+    since: float = 0.0
+    totals: dict = field(default_factory=lambda: {"messages": 0, "bytes": 0, "undeliverable": 0, "rerouted": 0})
 
 
 class _Relay:
-    """One thread relays every channel (see zpipe.inbox): pull, decode the header, push to the
-    node group it picks; a channel whose node group has no room is held while the others go on."""
+    """One thread relays every channel: pull, check, decode the header, push to the node group it picks."""
 
-    def __init__(self, rt: NodeRuntime, channels: list[_Channel], producer_threads: int, route: str,
-                 rejects: Rejects):
-        self.rt, self.channels, self.producer_threads = rt, channels, producer_threads
-        self.route, self.rejects = route, rejects
-        self.node_groups: dict[int, list[int]] = {}
-        self.me = f"{rt.name}[{rt.replica}]"
-        self.open = len(channels)  # channels whose producers have not all sent their end
+    def __init__(self, rt: NodeRuntime, channels: list[_Channel], rejects: Rejects):
+        self.rt, self.channels, self.rejects = rt, channels, rejects
+        self.route, self.pipe = rt.plan.route, rt.pipe
+        self.open = len(channels)  # channels whose producers have not all ended (or gone)
+        self.scan_channels: dict[int, set[int]] = {}  # scan -> channels that closed it (for our flow record)
+        self.scan_totals: dict[int, dict] = {}
 
     def run(self) -> None:
         rt = self.rt
         rt.meter.state = "streaming"
-
-        def refresh() -> None:
-            for ch in self.channels:
-                ch.router.refresh()
-
         Inbox([ch.pull for ch in self.channels]).serve(
-            self.take, self.resend, lambda: self.open > 0 and not rt.stop.is_set(),
-            park_poll_ms=HELD_POLL_MS, idle=refresh)
+            self.take, self.resend,
+            lambda: (self.open > 0 or any(ch.queue for ch in self.channels)) and not rt.stop.is_set(),
+            park_poll_ms=HELD_POLL_MS, tick=self.tick)
         if rt.stop.is_set():
             raise InterruptedError("stopped")
 
-    def take(self, t: int, frames) -> _Channel | None:
-        """Relay one message from channel t; the channel, to hold, if its node group has no room."""
-        ch = self.channels[t]
+    # -- receiving ---------------------------------------------------------------------------------
+    def take(self, c: int, frames) -> _Channel | None:
+        """Act on one message from channel c; the channel, to hold, if what it queued cannot go yet."""
+        ch = self.channels[c]
+        header = None
         try:
-            header = msgpack.unpackb(frames[0].buffer, raw=False)
-            kind = header.get("type", "data")
-            scan_id = int(header["scan"]) if kind != "end" else -1
-        except Exception as exc:
-            self.rejects.add(f"bad header ({exc.__class__.__name__}: {exc})")
+            header = messages.decode(frames[0])
+            if header.get("pipe") != self.pipe:
+                raise Rejected("not this pipeline", f"pipe {str(header.get('pipe'))[:20]!r}")
+            sender = header.get("sender")
+            if not isinstance(sender, str) or sender not in ch.origins:
+                raise Rejected("unknown sender", f"channel {c} hears only {sorted(ch.origins)}")
+            kind = header.get("type")
+            if kind is None or kind == "data":
+                self.data(ch, header, frames, sender)
+            elif kind == "info":
+                self.info(ch, header, frames, sender)
+            elif kind == "done":
+                self.done(ch, header, sender)
+            elif kind == "end":
+                self.end(ch, sender)
+            else:
+                raise Rejected("unknown message type", repr(kind)[:30])
+        except Rejected as exc:
+            self.rejects.reject(exc, sender_of(header))
+            self._count_scan_reject(ch, header)
             return None
-        me = f"{self.me}/{ch.t}"
-        if kind == "end":
-            ch.ends += 1
-            if ch.ends == self.producer_threads:
-                for g in ch.router.replicas():
-                    ch.router.send(g, [_pack({"type": "end", "sender": me})])
-                self.open -= 1
-            return None
-        if kind == "info":
-            got = ch.infos.setdefault(scan_id, [])
-            got.append(header)
-            self.node_groups[scan_id] = list(header["node_groups"])
-            if len(got) == self.producer_threads:
-                _forward_info(ch.router, scan_id, got, me, ch.totals)
-                del ch.infos[scan_id]
-            return None
-        ngs = self.node_groups.get(scan_id)
-        if ngs is None:
-            ngs = self.node_groups[scan_id] = scans.wait_record(self.rt.kv, scan_id, 10.0)["node_groups"]
-        try:
-            target = ngs[int(header[self.route]) % len(ngs)]
-        except (KeyError, TypeError, ValueError):
-            self.rejects.add(f"no integer {self.route!r} to route by", str(header.get("sender", "unknown sender")))
-            return None
+        return ch if ch.queue and not self.resend(ch, time.monotonic()) else None
+
+    def _count_scan_reject(self, ch: _Channel, header) -> None:
+        scan = header.get("scan") if isinstance(header, dict) and header.get("pipe") == self.pipe else None
+        st = ch.scans.get(scan) if type(scan) is int else None
+        if st is not None:
+            self.scan_totals.setdefault(st.id, _empty_totals())["rejected"] += 1
+
+    def info(self, ch: _Channel, header: dict, frames, sender: str) -> None:
+        if len(frames) != 1:
+            raise Rejected("wrong number of frames", f"an info has 1, got {len(frames)}")
+        scan = messages.scan_id(header)
+        ngs = messages.node_groups(header.get("node_groups"))
+        meta = messages.meta(header.get("meta"))
+        if scan in ch.closed:
+            raise Rejected("info for a closed scan", f"scan {scan}")
+        st = ch.scans.get(scan)
+        if st is None:
+            st = ch.scans[scan] = _Scan(scan, list(ngs), meta)
+            self.scan_totals.setdefault(scan, _empty_totals())
+            for g in st.node_groups:  # tell each node group before it gets a part of the scan from us
+                ch.queue.append((g, messages.info(self.pipe, scan, ch.me, st.node_groups, meta), st, None))
+        elif ngs != st.node_groups:
+            raise Rejected("info disagrees on node groups", f"scan {scan}: {ngs} vs {st.node_groups}")
+        if sender in st.infos:
+            raise Rejected("second info", f"scan {scan}")
+        st.infos.add(sender)
+
+    def data(self, ch: _Channel, header: dict, frames, sender: str) -> None:
+        scan = header.get("scan")
+        st = ch.scans.get(scan) if type(scan) is int else None
+        if st is None or sender not in st.infos or sender in st.dones:
+            if type(scan) is not int:
+                raise Rejected("bad scan number", repr(scan)[:30])
+            raise Rejected("data out of turn", f"scan {scan}: no info from this sender yet, or after its done"
+                           if scan not in ch.closed else f"scan {scan} is closed")
+        if len(frames) != 2:
+            raise Rejected("wrong number of frames", f"data has 2, got {len(frames)}")
+        key = header.get(self.route)
+        if type(key) is not int:
+            raise Rejected("nothing to route by", f"no integer {self.route!r}")
+        st.received += 1
         self.rt.meter.msgs_in += 1
-        self.rt.meter.bytes_in += len(frames[-1])
-        ch.held = (target, frames, time.monotonic())
-        return None if self.resend(ch, ch.held[2]) else ch
+        self.rt.meter.bytes_in += len(frames[1])
+        ch.queue.append((self.target(st, key), frames, st, key))
+
+    def done(self, ch: _Channel, header: dict, sender: str) -> None:
+        scan = messages.scan_id(header)
+        sent = messages.count(header.get("sent"), "sent count")
+        st = ch.scans.get(scan)
+        if st is None or sender not in st.infos:
+            raise Rejected("done out of turn", f"scan {scan}: no info from this sender")
+        if sender in st.dones:
+            raise Rejected("second done", f"scan {scan}")
+        st.dones[sender] = sent
+        self.maybe_close(ch, st)
+
+    def end(self, ch: _Channel, sender: str) -> None:
+        if sender in ch.ended:
+            raise Rejected("second end")
+        open_scans = [st.id for st in ch.scans.values() if sender in st.infos and sender not in st.dones]
+        if open_scans:
+            raise Rejected("end before done", f"scans {open_scans} still open for this sender")
+        ch.ended.add(sender)
+        self.maybe_finish(ch)
+
+    # -- routing -----------------------------------------------------------------------------------
+    def target(self, st: _Scan, key: int) -> int | None:
+        """The node group of the scan this item goes to: `key` mod their number, among those alive."""
+        ngs = st.node_groups
+        g = ngs[key % len(ngs)]
+        if g in st.gone:
+            alive = [x for x in ngs if x not in st.gone]
+            if not alive:
+                return None
+            g = alive[key % len(alive)]
+        return g
 
     def resend(self, ch: _Channel, now: float) -> bool:
-        """Try the held message again; True once it went (or was counted undeliverable)."""
-        target, frames, since = ch.held
-        try:
-            if not ch.router.try_send(target, frames):
-                return False
-        except Undeliverable as exc:
-            ch.totals["undeliverable"] += 1
-            if ch.totals["undeliverable"] == 1:
-                log.warning("%s/%d: %s; counting its messages as lost", self.me, ch.t, exc)
-        else:
-            nbytes = len(frames[-1])
-            ch.totals["messages"] += 1
-            ch.totals["bytes"] += nbytes
-            self.rt.meter.msgs_out += 1
-            self.rt.meter.bytes_out += nbytes
-        if now > since:
-            self.rt.meter.blocked_s += now - since
-        ch.held = None
+        """Send what the channel has queued, in order; True once all of it went (or was counted lost)."""
+        while ch.queue:
+            g, frames, st, key = ch.queue[0]
+            if g is None:
+                ch.queue.popleft()
+                if key is not None:  # data with no node group of the scan alive
+                    st.undeliverable += 1
+                    ch.totals["undeliverable"] += 1
+                continue
+            try:
+                if not ch.out.try_send(g, frames):
+                    if not ch.since:
+                        ch.since = now
+                    return False
+            except PeerGone as exc:
+                if st is None:  # an `end` to a node group that is gone
+                    ch.queue.popleft()
+                    continue
+                if g not in st.gone:
+                    st.gone.add(g)
+                    log.warning("%s channel %d: scan %d: %s; the rest of its share goes to the scan's other node "
+                                "groups", self.rt.label, ch.c, st.id, exc)
+                if key is None:  # a control message to a node group that is gone: nothing to say to it
+                    ch.queue.popleft()
+                else:
+                    ch.queue[0] = (self.target(st, key), frames, st, key)
+                    st.rerouted += 1
+                    ch.totals["rerouted"] += 1
+                continue
+            ch.queue.popleft()
+            if key is not None:
+                nbytes = len(frames[1])
+                st.forwarded[g] = st.forwarded.get(g, 0) + 1
+                ch.totals["messages"] += 1
+                ch.totals["bytes"] += nbytes
+                self.rt.meter.msgs_out += 1
+                self.rt.meter.bytes_out += nbytes
+        if ch.since:
+            self.rt.meter.blocked_s += now - ch.since
+            ch.since = 0.0
         return True
 
+    # -- ends of scans and of the stream -----------------------------------------------------------
+    def maybe_close(self, ch: _Channel, st: _Scan) -> None:
+        """Every producer thread said done (or is gone, or ended): tell each node group what it got."""
+        if st.closed or any(s not in st.dones and s not in ch.gone and s not in ch.ended for s in ch.origins):
+            return
+        st.closed = True
+        for g in st.node_groups:
+            if g not in st.gone:
+                ch.queue.append((g, messages.done(self.pipe, st.id, ch.me, st.forwarded.get(g, 0)), st, None))
+        ch.closed.add(st.id)
+        del ch.scans[st.id]
+        self.closed_on_channel(ch, st)
 
-def _forward_info(router: Router, scan_id: int, got: list[dict], me: str, totals: dict) -> None:
-    expected: dict[str, int] = {}
-    for info in got:
-        for g, n in info["expected"].items():
-            expected[g] = expected.get(g, 0) + int(n)
-    for g in got[0]["node_groups"]:
-        try:
-            router.send(g, [_pack({"type": "info", "scan": scan_id, "sender": me,
-                                   "expected": expected.get(str(g), 0)})])
-        except Undeliverable:
-            totals["undeliverable"] += 1
+    def closed_on_channel(self, ch: _Channel, st: _Scan) -> None:
+        """Our flow record of the scan, once every channel has closed it."""
+        tot = self.scan_totals.setdefault(st.id, _empty_totals())
+        tot["received"] += st.received
+        tot["undeliverable"] += st.undeliverable
+        tot["rerouted"] += st.rerouted
+        for g, n in st.forwarded.items():
+            tot["forwarded"][str(g)] = tot["forwarded"].get(str(g), 0) + n
+        tot["producers_gone"] += sorted(s for s in ch.origins if s in ch.gone and s not in st.dones)
+        self.scan_channels.setdefault(st.id, set()).add(ch.c)
+        self.publish_closed()
+
+    def publish_closed(self) -> None:
+        """Publish the flow record of every scan that each channel has closed or will never see."""
+        for scan, done in list(self.scan_channels.items()):
+            if all(ch.c in done or ch.finished for ch in self.channels):
+                flow.publish(self.rt.kv, self.rt.name, self.rt.replica, scan, done=True, **self.scan_totals.pop(scan))
+                del self.scan_channels[scan]
+
+    def maybe_finish(self, ch: _Channel) -> None:
+        if ch.finished or any(s not in ch.ended and s not in ch.gone for s in ch.origins):
+            return
+        for st in list(ch.scans.values()):  # scans an origin that is gone never closed
+            self.maybe_close(ch, st)
+        ch.finished = True
+        ch.out.refresh()
+        for g in ch.out.replicas():
+            ch.queue.append((g, messages.end(self.pipe, ch.me), None, None))
+        self.open -= 1
+        self.publish_closed()
+
+    def tick(self, now: float) -> None:
+        """Look at the producers: one that is gone will send nothing more (its scans close without it)."""
+        plan = self.rt.plan
+        for ch in self.channels:
+            if ch.finished:
+                continue
+            if self.rt.roster.gone(plan.producer, ch.c):
+                newly = set(ch.origins) - ch.gone - ch.ended
+                if newly:
+                    log.warning("%s channel %d: %s[%d] is gone; its open scans close without it", self.rt.label,
+                                ch.c, plan.producer, ch.c)
+                    ch.gone |= newly
+                    for st in list(ch.scans.values()):
+                        self.maybe_close(ch, st)
+                    self.maybe_finish(ch)
+            if ch.queue:
+                self.resend(ch, now)
+
+
+def _empty_totals() -> dict:
+    return {"received": 0, "rejected": 0, "undeliverable": 0, "rerouted": 0, "forwarded": {}, "producers_gone": []}

@@ -1,10 +1,12 @@
 """The producer role: a receiving server's sending side (the paper's Producer).
 
-For each scan, the first replica fixes which node groups take part and announces the
-scan; then every thread tells downstream how many messages each node group will get
-(the info channel, sent in-band before the data so it cannot overtake it), then sends its
-messages. Routed straight to node groups (`route` set, the direct topology) or to its own
-aggregator thread. With no node group registered, the scan goes to disk instead.
+For each scan, the first replica fixes which node groups take part and announces the scan;
+then every thread sends, on its own connection, an `info` (the scan's node groups and metadata,
+and what it plans to send), its data, and a `done` saying how many it sent (zpipe.scans.messages),
+routed straight to node groups (`route` set, the direct topology) or to its aggregator channel.
+A node group that dies mid-scan is noticed (zpipe.roster) and the rest of its share goes to the
+scan's node groups still alive; with none alive, or the aggregator gone, what is left is counted
+undeliverable. With no node group registered, the scan goes to disk instead.
 """
 
 from __future__ import annotations
@@ -15,108 +17,95 @@ import os
 import threading
 import time
 
-import msgpack
-import zmq
-
-from zpipe import flow, scan as scans
 from zpipe.plugin import Context, Scan, Source
-from zpipe.routing import Router, Undeliverable
+from zpipe import flow
+from zpipe.scans import messages, record as scans
+from zpipe.transport.outbox import Outbox, PeerGone
 from zpipe.runtime import NodeRuntime
-from zpipe.topology import Topology
+from zpipe.wire import pack_header
 
 log = logging.getLogger("zpipe.producer")
-SEND_TIMEOUT_S = 0.1  # SNDTIMEO of the data sockets: how often a blocked sender looks up
-_pack = msgpack.Packer(use_bin_type=True).pack
-
-
-def downstream(topology: Topology, node: str, sname: str) -> tuple[str, str]:
-    """The node and socket that `node.sname` sends to."""
-    spec = topology.nodes[node].sockets[sname]
-    if spec.connect:
-        peer, _, psock = spec.connect.partition(".")
-        return peer, psock
-    for up in flow.upstreams(topology, node, sname):  # the link is symmetric; find the other end
-        return up.node, up.socket
-    raise LookupError(f"{node}.{sname} is linked to nothing")
-
-
-def node_groups_of(topology: Topology, node: str, sname: str) -> tuple[str, str]:
-    """The node group node and its data socket that `node.sname` ultimately feeds."""
-    peer, psock = downstream(topology, node, sname)
-    spec = topology.nodes[peer]
-    if spec.role == "nodegroup":
-        return peer, psock
-    out = next(n for n, s in spec.sockets.items() if s.pattern == "push")
-    return node_groups_of(topology, peer, out)
+ANNOUNCE_WAIT = 10.0  # s a replica waits for the scan's first producer to announce it
 
 
 def run(rt: NodeRuntime, make_plugin) -> dict:
-    spec, topo = rt.spec, rt.topology
-    out = rt.outputs()[0]
-    peer, psock = downstream(topo, rt.name, out)
-    direct = topo.nodes[peer].role == "nodegroup"
-    ng_node, ng_sock = node_groups_of(topo, rt.name, out)
-    ng_threads = topo.nodes[ng_node].threads
+    spec, plan = rt.spec, rt.plan
     plugins: list[Source] = []
     for t in range(spec.threads):
         p = make_plugin()
         p.setup(Context(rt.name, rt.replica, spec.replicas, t, spec.threads, rt.host, rt.output_dir))
         plugins.append(p)
     totals = {"messages": 0, "bytes": 0, "scans": 0, "undeliverable": 0}
-
+    direct = plan.aggregator is None
     # Threads keep their sockets for the whole run: one connection per thread, as in the paper.
-    senders: dict[int, object] = {}
+    outboxes: dict[int, Outbox] = {}
 
-    def make_sender(t: int):
-        if t not in senders:
+    def outbox(t: int) -> Outbox:
+        if t not in outboxes:
             if direct:
-                # All threads of one replica (one sector) reach the same receiving thread, so
-                # each of a node group's receivers carries whole sector streams (flow control).
-                senders[t] = Router(rt, out, ng_node, f"{ng_sock}@{rt.replica % ng_threads}")
+                # All threads of one replica (one sector) reach the same receiving socket, so each of a
+                # node group's receivers carries whole sector streams (its flow control relies on it).
+                outboxes[t] = Outbox(rt, plan.producer_out, plan.node_group,
+                                     f"{plan.node_group_in}@{plan.ng_socket_of_replica(rt.replica)}")
             else:
-                sock = rt.connect_to(out, peer, f"{psock}@{rt.replica}")
-                sock.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT_S * 1000))
-                senders[t] = sock
-        return senders[t]
+                outboxes[t] = Outbox(rt, plan.producer_out, plan.aggregator, f"{plan.aggregator_in}@{rt.replica}")
+        return outboxes[t]
 
-    for sc in plugins[0].scans():
-        rt.meter.scan, rt.meter.state = sc.id, "streaming"
-        rec = _announce(rt, sc, ng_node, ng_sock)
-        ngs = rec["node_groups"]
-        t0 = time.perf_counter()
-        if not ngs:
-            rt.meter.state = "writing"
-            counts = _fallback(rt, plugins, sc, rec)
-        else:
-            pace = _Pace(len(plugins))
-            counts = _in_threads(rt, plugins, lambda t, p: _stream(rt, p, sc, t, ngs, direct, make_sender, pace))
-        sent = {out: counts["messages"]}
-        flow.publish(rt.kv, rt.name, rt.replica, sc.id, done=True, sent=sent, bytes=counts["bytes"],
-                     seconds=time.perf_counter() - t0, fallback=not ngs,
-                     first_sent=counts.get("first_sent"), last_sent=counts.get("last_sent"))
-        for k in ("messages", "bytes", "undeliverable"):
-            totals[k] += counts.get(k, 0)
-        totals["scans"] += 1
-        rt.meter.state = "idle"
-    _in_threads(rt, plugins, lambda t, p: _send_end(rt, t, direct, make_sender))
-    flow.publish(rt.kv, rt.name, rt.replica, "end", done=True)
+    try:
+        for sc in plugins[0].scans():
+            if rt.stop.is_set():
+                raise InterruptedError("stopped")
+            rt.meter.scan, rt.meter.state = sc.id, "streaming"
+            rec = _announce(rt, sc)
+            ngs = rec.get("node_groups") if rec else None
+            t0 = time.perf_counter()
+            if rec is None:
+                counts = _give_up(rt, plugins, sc, "no record of the scan appeared (is the scan's first producer there?)")
+            elif not ngs:
+                rt.meter.state = "writing"
+                counts = _fallback(rt, plugins, sc)
+            else:
+                planned = _in_threads(rt, plugins, lambda t, p: {"planned": sum(1 for _ in p.plan(sc, t, spec.threads))})
+                flow.publish(rt.kv, rt.name, rt.replica, sc.id, done=False, planned=planned["planned"], sent=0,
+                              first_sent=None)
+                pace = _Pace(len(plugins))
+                counts = _in_threads(rt, plugins, lambda t, p: _stream(rt, p, sc, t, ngs, outbox(t), pace))
+            flow.publish(rt.kv, rt.name, rt.replica, sc.id, done=True, planned=counts.get("planned", 0),
+                          sent=counts.get("messages", 0), undeliverable=counts.get("undeliverable", 0),
+                          bytes=counts.get("bytes", 0), seconds=time.perf_counter() - t0, fallback=bool(rec) and not ngs,
+                          first_sent=counts.get("first_sent"), last_sent=counts.get("last_sent"),
+                          lost_to=counts.get("lost_to") or None)
+            for k in ("messages", "bytes", "undeliverable"):
+                totals[k] += counts.get(k, 0)
+            totals["scans"] += 1
+            rt.meter.state = "idle"
+        _in_threads(rt, plugins, lambda t, p: _send_end(rt, t, outbox(t), direct))
+        flow.publish(rt.kv, rt.name, rt.replica, "end", done=True)
+    finally:
+        for ob in outboxes.values():
+            ob.close(linger_ms=30_000 if not rt.stop.is_set() else 0)
     return totals
 
 
-def _announce(rt: NodeRuntime, sc: Scan, ng_node: str, ng_sock: str) -> dict:
-    """Replica 0 fixes the scan's node groups; the others take them from the record."""
+def _announce(rt: NodeRuntime, sc: Scan) -> dict | None:
+    """Replica 0 fixes the scan's node groups; the others take them from the record (bounded wait)."""
+    plan = rt.plan
     if rt.replica == 0:
-        # Wait (bounded) for every node group the topology declares, then go with those registered.
-        want = rt.topology.nodes[ng_node].replicas
+        # Wait (bounded) for every node group the topology declares, then go with those alive.
+        want = plan.ng_replicas
         deadline = time.monotonic() + (rt.spec.fallback_wait if rt.spec.fallback else rt.resolve_timeout)
-        while len(ngs := [ep.replica for ep in rt.registry.endpoints(ng_node, f"{ng_sock}@0")]) < want:
-            if time.monotonic() > deadline or rt.stop.is_set():
+        while True:
+            ngs = [ep.replica for ep in rt.registry.endpoints(plan.node_group, f"{plan.node_group_in}@0")
+                   if rt.roster.alive(plan.node_group, ep.replica)]
+            if len(ngs) >= want or time.monotonic() > deadline or rt.stop.is_set():
                 break
             time.sleep(0.05)
+        source = {"node": rt.name, "replicas": rt.spec.replicas, "threads": rt.spec.threads}
+        route = {"aggregator": plan.aggregator, "node_group": plan.node_group}
         return scans.update(rt.kv, sc.id, status="announced" if ngs else "fallback", node_groups=ngs,
-                            meta=sc.meta, producers=rt.spec.replicas, started=time.time())
-    rec = scans.wait_record(rt.kv, sc.id, timeout=rt.resolve_timeout)
-    return rec
+                            meta=sc.meta, source=source, route=route, producers=rt.spec.replicas,
+                            pipe=rt.pipe, started=time.time())
+    return scans.wait_record(rt.kv, sc.id, timeout=ANNOUNCE_WAIT, stop=rt.stop)
 
 
 def _in_threads(rt: NodeRuntime, plugins, work) -> dict:
@@ -142,9 +131,13 @@ def _in_threads(rt: NodeRuntime, plugins, work) -> dict:
     if errors:
         raise errors[0]
     total: collections.Counter = collections.Counter()
+    lost_to: dict[str, int] = {}
     for r in results:
-        total.update({k: v for k, v in r.items() if k not in _WHEN})
+        total.update({k: v for k, v in r.items() if k not in _WHEN and k != "lost_to"})
+        for g, n in (r.get("lost_to") or {}).items():
+            lost_to[g] = lost_to.get(g, 0) + n
     out = dict(total)
+    out["lost_to"] = lost_to
     for k, pick in _WHEN.items():  # wall-clock times: the earliest first, the latest last
         times = [r[k] for r in results if r.get(k) is not None]
         out[k] = pick(times) if times else None
@@ -152,17 +145,6 @@ def _in_threads(rt: NodeRuntime, plugins, work) -> dict:
 
 
 _WHEN = {"first_sent": min, "last_sent": max}
-
-
-def _send(rt: NodeRuntime, sock: zmq.Socket, frames) -> None:
-    while True:
-        try:
-            sock.send_multipart(frames, copy=False)
-            return
-        except zmq.Again:  # a whole send timeout spent waiting: count it now, so the view sees it live
-            rt.meter.blocked_s += SEND_TIMEOUT_S
-            if rt.stop.is_set():
-                raise InterruptedError("stopped while sending") from None
 
 
 class _Pace:
@@ -193,68 +175,114 @@ class _Pace:
         self.sent[t] = float("inf")
 
 
-def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], direct: bool, make_sender,
-            pace: _Pace) -> dict:
-    route = rt.spec.route or rt.topology.nodes[downstream(rt.topology, rt.name, rt.outputs()[0])[0]].route
+def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], out: Outbox, pace: _Pace) -> dict:
+    """One thread's share of a scan: info, data, done, on its own connection(s)."""
+    plan, pipe = rt.plan, rt.pipe
+    route, threads = plan.route, rt.spec.threads
+    direct = plan.aggregator is None
+    me = plan.producer_sender(rt.replica, t)
     n = len(ngs)
-    sender_id = f"{rt.name}[{rt.replica}]/{t}"
-    counts = collections.Counter(ngs[int(h[route]) % n] for h in plugin.plan(sc, t, rt.spec.threads))
-    info = {"type": "info", "scan": sc.id, "sender": sender_id, "node_groups": ngs,
-            "expected": {str(g): counts.get(g, 0) for g in ngs}}
-    sender = make_sender(t)
+    gone: set[int] = set()  # node groups of the scan found gone: the rest of their share goes to the others
+    lost_to: dict[str, int] = {}
+    planned = 0
+    counts: collections.Counter = collections.Counter()
+    for h in plugin.plan(sc, t, threads):
+        planned += 1
+        if direct:
+            counts[ngs[int(h[route]) % n]] += 1
     if rt.replica == 0 and t == 0:
         scans.update(rt.kv, sc.id, status="streaming")
-    messages = nbytes = lost = 0
+    messages_sent = nbytes = lost = 0
+    sent_to: collections.Counter = collections.Counter()
     first_sent = None
-    if direct:
-        for g in ngs:
-            sender.send(g, [_pack({**info, "expected": counts.get(g, 0)})])
-    else:
-        _send(rt, sender, [_pack(info)])
-    for msg in plugin.messages(sc, t, rt.spec.threads):
-        frames = [_pack(msg.header), msg.payload]
+    target_alive = True
+
+    def deliver(g: int, frames) -> bool:
+        """Send to node group g (direct) or the aggregator; False if it is gone (noted)."""
+        nonlocal target_alive
+        try:
+            out.send(g if direct else 0, frames)
+            return True
+        except PeerGone as exc:
+            if direct:
+                if g not in gone:
+                    gone.add(g)
+                    log.warning("scan %d: %s; the rest of its share goes to the scan's other node groups", sc.id, exc)
+            else:
+                target_alive = False
+                log.warning("scan %d: %s; the rest of this thread's share is undeliverable", sc.id, exc)
+            return False
+
+    for g in (ngs if direct else [0]):
+        deliver(g, messages.info(pipe, sc.id, me, ngs, sc.meta, expected=counts.get(g, 0) if direct else planned))
+    for msg in plugin.messages(sc, t, threads):
+        header = msg.header
+        header["scan"], header["pipe"], header["sender"] = sc.id, pipe, me
+        frames = [pack_header(header), msg.payload]
+        if not target_alive:
+            lost += 1
+            if rt.stop.is_set():
+                raise InterruptedError("stopped")
+            continue
         if direct:
-            try:
-                sender.send(ngs[int(msg.header[route]) % n], frames)
-            except Undeliverable as exc:
+            key = int(header[route])
+            g = ngs[key % n]
+            while g in gone or not deliver(g, frames):
+                alive = [x for x in ngs if x not in gone]
+                if not alive:
+                    g = None
+                    break
+                g = alive[key % len(alive)]
+            if g is None:
                 lost += 1
-                if lost == 1:
-                    log.warning("scan %d: %s; counting its messages as lost", sc.id, exc)
+                lost_to["none alive"] = lost_to.get("none alive", 0) + 1
                 continue
-        else:
-            _send(rt, sender, frames)
+            sent_to[g] += 1
+        elif not deliver(0, frames):
+            lost += 1
+            continue
         if first_sent is None:
             first_sent = time.time()
-        messages += 1
-        if messages % pace.CHECK == 0 and len(pace.sent) > 1:
-            pace.step(t, messages, rt.stop)
+        messages_sent += 1
+        if messages_sent % pace.CHECK == 0 and len(pace.sent) > 1:
+            pace.step(t, messages_sent, rt.stop)
         nbytes += msg.nbytes
         rt.meter.msgs_out += 1
         rt.meter.bytes_out += msg.nbytes
     pace.done(t)
-    return {"messages": messages, "bytes": nbytes, "undeliverable": lost,
-            "first_sent": first_sent, "last_sent": time.time() if first_sent is not None else None}
-
-
-def _send_end(rt: NodeRuntime, t: int, direct: bool, make_sender) -> None:
-    sender = make_sender(t)
-    end = [_pack({"type": "end", "sender": f"{rt.name}[{rt.replica}]/{t}"})]
     if direct:
-        sender.refresh()
-        for g in sender.replicas():
-            try:
-                sender.send(g, end)
-            except Undeliverable:
-                pass
-    else:
-        _send(rt, sender, end)
+        for g in ngs:
+            if g not in gone:
+                deliver(g, messages.done(pipe, sc.id, me, sent_to.get(g, 0)))
+    elif target_alive:
+        deliver(0, messages.done(pipe, sc.id, me, messages_sent))
+    return {"planned": planned, "messages": messages_sent, "bytes": nbytes, "undeliverable": lost,
+            "first_sent": first_sent, "last_sent": time.time() if first_sent is not None else None,
+            "lost_to": lost_to}
 
 
-def _fallback(rt: NodeRuntime, plugins: list[Source], sc: Scan, rec: dict) -> dict:
+def _send_end(rt: NodeRuntime, t: int, out: Outbox, direct: bool) -> None:
+    """This thread has no more scans: say so to every live replica it sends to."""
+    end = messages.end(rt.pipe, rt.plan.producer_sender(rt.replica, t))
+    out.refresh()
+    for g in (out.replicas() if direct else [0]):
+        try:
+            out.send(g, end)
+        except PeerGone:
+            pass
+
+
+def _give_up(rt: NodeRuntime, plugins: list[Source], sc: Scan, why: str) -> dict:
+    """The scan cannot be sent anywhere: count what it would have been, say why."""
+    planned = _in_threads(rt, plugins, lambda t, p: {"planned": sum(1 for _ in p.plan(sc, t, rt.spec.threads))})
+    log.error("scan %d: %s; its %d messages from this producer are undeliverable", sc.id, why, planned["planned"])
+    return {"planned": planned["planned"], "messages": 0, "undeliverable": planned["planned"]}
+
+
+def _fallback(rt: NodeRuntime, plugins: list[Source], sc: Scan) -> dict:
     """No node group: write the scan where existing tools read it, and say so in the scan record."""
     if rt.spec.fallback is None:
-        raise RuntimeError(f"scan {sc.id}: no node group is registered and {rt.name} has no `fallback` "
-                           f"directory; nothing would receive the data")
+        return _give_up(rt, plugins, sc, f"no node group is registered and {rt.name} has no `fallback` directory")
     directory = os.path.join(rt.output_dir, rt.spec.fallback)
     os.makedirs(directory, exist_ok=True)
     prefix = f"scans/{sc.id}/fallback/"
@@ -275,14 +303,19 @@ def _fallback(rt: NodeRuntime, plugins: list[Source], sc: Scan, rec: dict) -> di
                 abort()  # leave no file under a final name
             raise
         rt.kv.set(f"{prefix}{rt.name}/{rt.replica}/{t}", recorder.close())
-        return {"messages": n, "bytes": nbytes}
+        return {"messages": n, "bytes": nbytes, "planned": n}
 
     counts = _in_threads(rt, plugins, write)
     log.warning("scan %d: no node group registered; wrote %d messages to %s", sc.id, counts["messages"], directory)
     if rt.replica == 0:  # the scan's first producer closes the scan once every thread's files are final
         want = rt.spec.replicas * rt.spec.threads
-        parts = rt.kv.wait(lambda items: len(items) >= want, prefix=prefix, timeout=rt.resolve_timeout * 4)
+        try:
+            parts = rt.kv.wait(lambda items: len(items) >= want, prefix=prefix, timeout=rt.resolve_timeout * 4)
+        except TimeoutError:
+            parts = rt.kv.items(prefix)
+            log.error("scan %d: only %d of %d producer threads said their files are final", sc.id, len(parts), want)
         written = plugins[0].finish_recording(sc, directory, list(parts.values()))
-        scans.update(rt.kv, sc.id, status="done", fallback={"directory": directory, **(written or {})},
-                     finished=time.time())
+        scans.update(rt.kv, sc.id, status="done", fallback={"directory": directory, **(written or {}),
+                                                              "threads": len(parts), "of": want},
+                     outcome="complete" if len(parts) >= want else "incomplete", finished=time.time())
     return counts

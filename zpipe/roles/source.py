@@ -8,9 +8,11 @@ import time
 
 import zmq
 
-from zpipe import flow, wire
+from zpipe import flow
 from zpipe.plugin import Context, Scan, Source
 from zpipe.runtime import NodeRuntime
+from zpipe.topology.plan import peers
+from zpipe.transport.outbox import PeerGone
 
 log = logging.getLogger("zpipe.source")
 SEND_TIMEOUT_MS = 100  # how often a blocked sender looks up from a full queue to check for stop
@@ -34,7 +36,14 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
         rt.meter.scan, rt.meter.state = scan.id, "streaming"
         flow.publish(rt.kv, rt.name, rt.replica, scan.id, done=False, meta=scan.meta)
         t0 = time.perf_counter()
-        counts = _send_scan(rt, plugins, scan, links)
+        try:
+            counts = _send_scan(rt, plugins, scan, links)
+        except PeerGone as exc:
+            # Nobody is left to receive: the scan and those after it are undeliverable; say so and end.
+            log.error("%s: scan %d: %s; stopping: what is left is undeliverable", rt.label, scan.id, exc)
+            flow.publish(rt.kv, rt.name, rt.replica, scan.id, done=True, undeliverable=True, meta=scan.meta)
+            totals["undeliverable_scans"] = totals.get("undeliverable_scans", 0) + 1
+            break
         sent = {name: counts["messages"] for name in outs}
         flow.publish(rt.kv, rt.name, rt.replica, scan.id, done=True, sent=sent, bytes=counts["bytes"],
                      seconds=time.perf_counter() - t0, meta=scan.meta)
@@ -100,12 +109,14 @@ def _send_scan(rt: NodeRuntime, plugins: list[Source], scan: Scan, links) -> dic
             frames = sock.recv_multipart(copy=False)
             while True:
                 try:
-                    wire.send_frames(links[n].socket, frames)
+                    links[n].socket.send_multipart(frames, copy=False)
                     break
                 except zmq.Again:
                     if rt.stop.is_set():
                         raise InterruptedError("stopped while sending") from None
                     rt.refresh()
+                    if all(rt.roster.gone(node, r) for node, r in downstream(rt, n)):
+                        raise PeerGone(n, "every downstream replica is gone")
             forwarded[n] += 1
     for w in workers:
         w.join()
@@ -116,11 +127,19 @@ def _send_scan(rt: NodeRuntime, plugins: list[Source], scan: Scan, links) -> dic
     return {"messages": expected or 0, "bytes": sum(r.get("bytes", 0) for r in results)}
 
 
+def downstream(rt: NodeRuntime, sname: str) -> list[tuple[str, int]]:
+    """The replicas our socket `sname` feeds, whose liveness bounds a blocked send."""
+    return [(node, r) for node, _ in peers(rt.topology, rt.name, sname) for r in range(rt.topology.nodes[node].replicas)]
+
+
 def _send_thread(rt: NodeRuntime, plugin: Source, scan: Scan, thread: int, threads: int, socks, refresh) -> dict:
     n = nbytes = 0
+    me = f"{rt.label}/{thread}"
+    downs = {name: downstream(rt, name) for name in socks}
     for msg in plugin.messages(scan, thread, threads):
-        for sock in socks.values():
-            rt.send(sock, msg, refresh)
+        msg.header["pipe"], msg.header["sender"] = rt.pipe, me
+        for name, sock in socks.items():
+            rt.send(sock, msg, refresh, downs[name])
         n += 1
         nbytes += msg.nbytes
         rt.meter.msgs_out += 1

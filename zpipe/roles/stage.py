@@ -14,6 +14,9 @@ import zmq
 from zpipe import flow, wire
 from zpipe.plugin import Context, Message, Scan, Stage
 from zpipe.runtime import NodeRuntime
+from zpipe.scans.messages import Rejected, Rejects, sender_of
+from zpipe.topology.plan import peers
+from zpipe.transport.outbox import PeerGone
 
 log = logging.getLogger("zpipe.stage")
 BATCH = 64
@@ -45,6 +48,10 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
     open_scans: dict[int, _ScanState] = {}
     finished: set[int] = set()
     totals = {"messages": 0, "bytes": 0, "rejected": 0, "scans": 0}
+    rejects = Rejects(rt.label, rt.meter)
+    upstream_nodes = {u.node for u in ups}
+    downs = {n: [(node, r) for node, _ in peers(rt.topology, rt.name, n)
+                 for r in range(rt.topology.nodes[node].replicas)] for n in out_names}
     last_publish = 0.0
 
     def state_for(scan_id: int) -> _ScanState:
@@ -54,10 +61,25 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
             plugin.begin(st.scan)
         return st
 
+    gone_since: dict[str, float] = {}  # outputs whose every downstream replica is gone, since when
+
     def emit(st: _ScanState, produced) -> None:
         for msg in produced or ():
+            msg.header["pipe"], msg.header["sender"] = rt.pipe, f"{rt.label}/0"
             for name, sock in zip(out_names, outs):
-                rt.send(sock, msg, rt.refresh)
+                now = time.monotonic()
+                if now - gone_since.get(name, -10.0) < 1.0:  # nobody there: count it, look again in a second
+                    totals["undeliverable"] = totals.get("undeliverable", 0) + 1
+                    continue
+                try:
+                    rt.send(sock, msg, rt.refresh, downs[name])
+                except PeerGone as exc:
+                    if name not in gone_since:
+                        log.error("%s: %s; what it would get is counted undeliverable", rt.label, exc)
+                    gone_since[name] = time.monotonic()
+                    totals["undeliverable"] = totals.get("undeliverable", 0) + 1
+                    continue
+                gone_since.pop(name, None)
                 st.sent[name] = st.sent.get(name, 0) + 1
                 rt.meter.msgs_out += 1
                 rt.meter.bytes_out += msg.nbytes
@@ -77,17 +99,22 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
+                msg = None
                 try:
                     msg = wire.decode(frames)
-                    scan_id = int(msg.header["scan"])
-                except (wire.BadMessage, KeyError, TypeError, ValueError) as exc:
-                    totals["rejected"] += 1
-                    if totals["rejected"] == 1:
-                        log.warning("%s[%d].%s rejected a message: %s", rt.name, rt.replica, n, exc)
-                    continue
-                if scan_id in finished:
-                    totals["rejected"] += 1
-                    log.warning("%s[%d] got a message for scan %d after it ended", rt.name, rt.replica, scan_id)
+                    if msg.header.get("pipe") != rt.pipe:
+                        raise Rejected("not this pipeline")
+                    sender = msg.header.get("sender")
+                    if not isinstance(sender, str) or sender.partition("[")[0] not in upstream_nodes:
+                        raise Rejected("unknown sender")
+                    scan_id = msg.header.get("scan")
+                    if type(scan_id) is not int or scan_id < 0:
+                        raise Rejected("bad scan number", repr(scan_id)[:30])
+                    if scan_id in finished:
+                        raise Rejected("message after the scan closed", f"scan {scan_id}")
+                except Rejected as exc:
+                    rejects.reject(exc, sender_of(msg.header if msg else None))
+                    totals["rejected"] = rejects.count
                     continue
                 batches.setdefault(scan_id, []).append(msg)
                 got += 1

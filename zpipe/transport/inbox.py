@@ -18,6 +18,8 @@ DRAIN = 256  # messages taken from one socket per pass before looking at the oth
 # at most that much latency, for far fewer wake-ups per message on a loaded machine.
 COALESCE = 8
 COALESCE_S = 0.001
+TICK_S = 0.05
+MAX_FRAMES = 8  # parts of one message kept; a protocol message has at most 2
 
 
 class Inbox:
@@ -26,25 +28,28 @@ class Inbox:
         self.index = {s: i for i, s in enumerate(socks)}
 
     def serve(self, take: Callable, retry: Callable, running: Callable[[], bool], *,
-              park_poll_ms: int, idle: Callable[[], None] | None = None) -> None:
+              park_poll_ms: int, tick: Callable[[float], None] | None = None) -> None:
         """Receive until `running()` is false.
 
         `take(i, frames)` handles a whole message from socket i and returns None, or a token
         to park socket i with; `retry(token, now)` is asked every `park_poll_ms` whether the
-        parked message went on (True unparks the socket). `idle()` runs after a quiet poll.
+        parked message went on (True unparks the socket). `tick(now)` runs every TICK_S seconds
+        whatever the traffic: the owner's look at its peers and its scans, never skipped by a flood.
         """
         poller = zmq.Poller()
         for sock in self.socks:
             poller.register(sock, zmq.POLLIN)
         parked: dict[int, object] = {}
         n, drained = len(self.socks), 0
+        next_tick = 0.0
         while running():
             if len(parked) == n or 0 < drained < COALESCE:
                 time.sleep(COALESCE_S)  # all parked (polling nothing would not wait), or a trickle
             drained = 0
             events = poller.poll(park_poll_ms if parked else 100) if len(parked) < n else []
-            if not events and not parked and idle is not None:
-                idle()
+            if tick is not None and (now := time.monotonic()) >= next_tick:
+                next_tick = now + TICK_S
+                tick(now)
             for sock, _ in events:
                 i, recv = self.index[sock], sock.recv
                 for _ in range(DRAIN):
@@ -54,7 +59,11 @@ class Inbox:
                         break
                     frames = [head]
                     while frames[-1].more:  # set from the message itself: no getsockopt per part
-                        frames.append(recv(copy=False))
+                        part = recv(copy=False)
+                        if len(frames) < MAX_FRAMES:
+                            frames.append(part)
+                        elif not part.more:
+                            break  # a message of absurdly many parts: the first MAX_FRAMES say it is bad
                     drained += 1
                     token = take(i, frames)
                     if token is not None:

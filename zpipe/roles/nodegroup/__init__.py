@@ -1,0 +1,280 @@
+"""The node group role: receive parts, assemble items, run the analyses, and account for every scan.
+
+Three kinds of thread, talking only through the lanes and the workers' results:
+* the receiving thread (receive.py) checks every message and files parts into items;
+* the workers (workers.py) run the analyses on batches, one scan at a time per instance;
+* this module's control loop closes scans and publishes this node group's part of each
+  scan's account (zpipe.scans.record: `scans/{id}/part/{replica}`), as the scan goes and when
+  it closes, then brings the analyses' results to the scan's writer (zpipe.gather).
+
+A scan closes when every upstream sender has said `done` (or is gone, or ended), or, as a
+last resort, `scan_timeout` seconds after it went quiet; either way the incomplete items are
+processed too, and the part names what is missing. The accountant (zpipe.scans.accountant)
+adds the parts up; this node group never waits for the others' parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from zpipe.gather import MpiGather, ZmqGather
+from zpipe.plugin import Scan
+from zpipe.roles.nodegroup.receive import READY_MAX, Lane, Receiver, ScanState
+from zpipe.roles.nodegroup.workers import Workers, analysis_specs
+from zpipe.runtime import NodeRuntime
+from zpipe.scans import record
+from zpipe.scans.account import KeySet, merge_figures
+
+log = logging.getLogger("zpipe.nodegroup")
+PROGRESS_EVERY = 1.0  # s between the parts published while a scan is open
+WORKER_WAIT = 600.0  # s a closing scan waits for a worker still inside an analysis hook, at most
+
+
+def run(rt: NodeRuntime, _make_plugin) -> dict:
+    return NodeGroup(rt).run()
+
+
+class NodeGroup:
+    def __init__(self, rt: NodeRuntime):
+        self.rt, self.spec, self.plan = rt, rt.spec, rt.plan
+        self.meter = rt.meter
+        self.meter.queue_max = READY_MAX * self.spec.workers
+        self.lanes = [Lane() for _ in range(self.spec.workers)]
+        self.analyses = analysis_specs(self.spec)
+        self.stopping = False
+        self.receiver = Receiver(self)
+        self.workers = Workers(self)
+        self.errors: list[BaseException] = []
+        self._meta: dict[int, dict] = {}
+        self._results: dict[int, dict[int, dict]] = {}  # scan -> worker -> its share
+        self._results_cond = threading.Condition()
+        self.finals: dict[int, dict] = {}  # closed scan -> our final part (republished with late messages)
+        self.closed_count = 0
+        self.bytes = 0
+        self.gather = None
+        if any(a.writes for a in self.analyses):
+            self.gather = MpiGather(rt.mpi) if rt.mpi is not None else ZmqGather(rt, self.spec.scan_timeout * 2 + 30)
+
+    # -- called by the other threads -----------------------------------------------------------------
+    def opened(self, st: ScanState) -> None:
+        """The receiving thread saw a scan's first info (under its lock)."""
+        self._meta[st.id] = st.meta
+        self.meter.scans[st.id] = {"received": 0, "expected": None}
+
+    def meta_of(self, scan: int) -> dict:
+        return self._meta.get(scan, {})
+
+    def worker_done(self, scan: int, w: int, result: dict) -> None:
+        with self._results_cond:
+            self._results.setdefault(scan, {})[w] = result
+            self._results_cond.notify_all()
+
+    # -- the control loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        def guarded(fn, *args):
+            try:
+                fn(*args)
+            except BaseException as exc:
+                self.errors.append(exc)
+                self.rt.stop.set()
+
+        workers = [threading.Thread(target=guarded, args=(self.workers.work, w), name=f"work-{w}", daemon=True)
+                   for w in range(self.spec.workers)]
+        receiver = threading.Thread(target=guarded, args=(self.receiver.serve,), name="recv", daemon=True)
+        for th in (*workers, receiver):
+            th.start()
+        last_progress = 0.0
+        try:
+            while not self.rt.stop.is_set():
+                now = time.monotonic()
+                self.check_scans(now)
+                if now - last_progress >= PROGRESS_EVERY:
+                    last_progress = now
+                    self.publish_progress()
+                with self.receiver.lock:
+                    still_open = bool(self.receiver.scans)
+                if not receiver.is_alive() and not still_open:
+                    break
+                time.sleep(0.02)
+            self.publish_progress()  # late messages of closed scans reach the account
+        finally:
+            self.stopping = True
+            for lane in self.lanes:
+                with lane.cond:
+                    lane.cond.notify_all()
+            for th in (receiver, *workers):
+                th.join(timeout=5.0)
+            if self.gather is not None:
+                self.gather.close()
+        if self.errors:
+            raise self.errors[0]
+        if self.rt.stop.is_set():
+            raise InterruptedError("stopped")
+        return {"scans": self.closed_count, "messages": self.receiver.messages, "bytes": self.bytes,
+                "rejected": self.receiver.rejects.count}
+
+    def check_scans(self, now: float) -> None:
+        rcv = self.receiver
+        with rcv.lock:
+            open_scans = list(rcv.scans.values())
+        self.meter.queue = sum(lane.ready for lane in self.lanes)
+        if open_scans:
+            self.meter.state, self.meter.scan = "streaming", open_scans[-1].id
+        for st in open_scans:
+            expected = sum(s.done if s.done is not None else (s.expected or 0) for s in st.senders.values())
+            self.meter.scans[st.id] = {"received": st.received, "expected": expected or None}
+            through, left = rcv.state_of(st)
+            quiet = now - st.last > self.spec.scan_timeout
+            if through or quiet:
+                self.close_scan(st, timed_out=not through, left=left)
+
+    # -- closing a scan ------------------------------------------------------------------------------------
+    def close_scan(self, st: ScanState, timed_out: bool, left: dict[str, str]) -> None:
+        rt = self.rt
+        self.receiver.close(st)
+        if timed_out:
+            log.warning("%s: scan %d went quiet for %.1f s with %d messages in and senders %s not through; "
+                        "closing it with what arrived", rt.label, st.id, self.spec.scan_timeout, st.received,
+                        sorted(s for s in self.plan.ng_senders if (st.senders.get(s) or _NO).done is None))
+        for s, why in left.items():
+            log.warning("%s: scan %d: sender %s %s", rt.label, st.id, s, why)
+        self.meter.state = "processing"
+        for lane in self.lanes:
+            with lane.cond:
+                lane.flushes.append(st.id)
+                lane.cond.notify_all()
+        shares = self._await_workers(st.id)
+        part = self.part(st, shares, timed_out, left)
+        results = {a.name: [s["results"][a.name] for s in shares.values() if a.name in s["results"]]
+                   for a in self.analyses if a.writes}
+        if self.gather is not None:
+            self.meter.state = "writing"
+            self.write(st, part, results)
+        part["final"] = True
+        self.publish_part(st.id, part)
+        self.finals[st.id] = part
+        while len(self.finals) > 64:
+            self.finals.pop(next(iter(self.finals)))
+        self.closed_count += 1
+        self.bytes += st.bytes
+        self.meter.scans[st.id] = {"received": st.received, "expected": part["sent"], "done": True}
+        self._meta.pop(st.id, None)
+        self.meter.state = "idle"
+
+    def _await_workers(self, scan: int) -> dict[int, dict]:
+        """Every worker's share of the scan; bounded (a worker stuck inside a hook is named, not waited for)."""
+        deadline = time.monotonic() + WORKER_WAIT
+        with self._results_cond:
+            while len(self._results.get(scan, {})) < self.spec.workers:
+                if time.monotonic() > deadline or self.rt.stop.is_set() or self.errors:
+                    log.error("%s: scan %d: workers %s did not finish it", self.rt.label, scan,
+                              sorted(set(range(self.spec.workers)) - set(self._results.get(scan, {}))))
+                    break
+                self._results_cond.wait(0.1)
+            return self._results.pop(scan, {})
+
+    def part(self, st: ScanState, shares: dict[int, dict], timed_out: bool, left: dict[str, str]) -> dict[str, Any]:
+        """This node group's part of the scan's account (see zpipe.scans.account for how parts add up)."""
+        rt = self.rt
+        part: dict[str, Any] = {
+            "label": rt.label, "replica": rt.replica, "final": False, "received": st.received, "bytes": st.bytes,
+            "sent": sum(s.done or 0 for s in st.senders.values()), "rejected": sum(st.rejected.values()),
+            "rejected_by": dict(st.rejected), "timed_out": timed_out, "senders_gone": dict(left),
+            "senders": {k: {"expected": s.expected, "sent": s.done, "accepted": s.accepted, "rejected": s.rejected}
+                        for k, s in st.senders.items()},
+            "first_received": st.first_received, "parts_per_item": self.spec.assemble.parts,
+            "flow": {"held": st.held, "overrides": st.overrides, "max_pending": st.max_pending},
+            "complete": 0, "incomplete": 0, "missing_parts": {}, "analyses": {}, "updated": time.time(),
+        }
+        seen = KeySet(st.keys)
+        missing_workers = sorted(set(range(self.spec.workers)) - set(shares))
+        for w, r in sorted(shares.items()):
+            part["complete"] += r["complete"]
+            part["incomplete"] += r["incomplete"]
+            part["missing_parts"].update(r["missing_parts"])
+            if r.get("seen") is not None:
+                seen.merge(r["seen"])
+            for name, a in r["analyses"].items():
+                mine = part["analyses"].setdefault(name, {"figures": {}, "writes": a["writes"]})
+                merge_figures(mine["figures"], a["figures"])
+                if a.get("failed") and "failed" not in mine:
+                    mine["failed"] = {**a["failed"], "worker": w}
+        for name in (a.name for a in self.analyses):
+            if missing_workers:
+                part["analyses"].setdefault(name, {"figures": {}, "writes": False})["failed"] = {
+                    "hook": "process", "scan": st.id, "error": f"workers {missing_workers} never finished the scan"}
+        part["processed"] = seen.pack()
+        part["processed_at"] = max((r["processed"] for r in shares.values()), default=time.time())
+        return part
+
+    def write(self, st: ScanState, part: dict, results: dict[str, list]) -> None:
+        """Bring every node group's results to the scan's writer, which writes each analysis's output."""
+        rt = self.rt
+        if isinstance(self.gather, MpiGather):
+            writer = st.node_groups[0]
+        else:
+            alive = [g for g in st.node_groups if g == rt.replica or not rt.roster.gone(rt.name, g)]
+            writer = alive[0] if alive else rt.replica
+        summary = {k: part[k] for k in ("complete", "incomplete", "received", "bytes", "rejected", "missing_parts")}
+        summary["analyses"] = {n: a["figures"] for n, a in part["analyses"].items()}
+        shares, missing = self.gather.collect(st.id, st.node_groups, writer, {"part": summary, "results": results})
+        if missing:
+            part.setdefault("gather", {}).update({str(g): why for g, why in missing.items()})
+        if shares is None:  # not the writer
+            return
+        report = {"scan": st.id, "node_groups": sorted(shares), "complete": 0, "incomplete": 0, "received": 0,
+                  "bytes": 0, "rejected": 0, "missing_parts": {}, "analyses": {}, "provisional": True}
+        for share in shares.values():
+            p = share.get("part") or {}
+            for k in ("complete", "incomplete", "received", "bytes", "rejected"):
+                report[k] += int(p.get(k) or 0)
+            report["missing_parts"].update(p.get("missing_parts") or {})
+            for n, figures in (p.get("analyses") or {}).items():
+                merge_figures(report["analyses"].setdefault(n, {}), figures)
+        scan = Scan(st.id, dict(st.meta))
+        for a in self.analyses:
+            if not a.writes:
+                continue
+            gathered = [v for share in shares.values() for v in (share.get("results") or {}).get(a.name, [])]
+            out: dict[str, Any] = {"node_groups": sorted(shares), "writer": rt.replica}
+            try:
+                path = a.cls.write(scan, gathered, report, rt.output_dir)
+                out.update(path=str(path) if path else None, empty=not path)
+            except Exception as exc:
+                log.exception("%s: analysis %r failed to write scan %d", rt.label, a.name, st.id)
+                self.meter.errors += 1
+                out["error"] = f"{exc.__class__.__name__}: {exc}"[:500]
+            out["updated"] = time.time()
+            rt.kv.set(record.output_key(st.id, a.name), out)
+
+    # -- publishing ----------------------------------------------------------------------------------------
+    def publish_part(self, scan: int, part: dict) -> None:
+        part["revision"] = part.get("revision", 0) + 1
+        part["updated"] = time.time()
+        self.rt.kv.set(record.part_key(scan, self.rt.replica), part)
+
+    def publish_progress(self) -> None:
+        """Open scans' running counts, and closed scans that turned away late messages since."""
+        rcv = self.receiver
+        with rcv.lock:
+            open_scans = list(rcv.scans.values())
+            late = {s: dict(v) for s, v in rcv.closed.items() if v}
+        for st in open_scans:
+            self.rt.kv.set(record.part_key(st.id, self.rt.replica), {
+                "label": self.rt.label, "replica": self.rt.replica, "final": False, "received": st.received,
+                "bytes": st.bytes, "rejected": sum(st.rejected.values()), "updated": time.time()})
+        for scan, counts in late.items():
+            part = self.finals.get(scan)
+            if part is not None and part.get("late") != counts:
+                part["late"] = counts
+                self.publish_part(scan, part)
+
+
+class _NoSender:
+    done = None
+
+
+_NO = _NoSender()

@@ -1,0 +1,70 @@
+"""Which node replicas are alive: each publishes an ephemeral `nodes/{node}/{replica}` key while it runs.
+
+A replica that dies (kill -9), freezes (SIGSTOP) or leaves stops refreshing its key and the
+registry expires it within its TTL; a clean exit withdraws it at once. A peer is *gone* once its
+key has been absent for GRACE seconds while our own view of the registry was sound: heard from
+the server lately and not just re-synchronised (after a registry restart, keys come back only as
+their owners re-publish them, within about a second). So a registry outage never makes a live
+peer look dead, and a dead one is noticed within TTL + GRACE seconds (6 s by default).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+PREFIX = "nodes/"
+TTL = 3.0
+GRACE = 3.0
+
+
+def key(node: str, replica: int) -> str:
+    return f"{PREFIX}{node}/{int(replica)}"
+
+
+def announce(kv, node: str, replica: int, **fields) -> str:
+    """Publish this replica's liveness key (refreshed by the KV client until it closes)."""
+    k = key(node, replica)
+    kv.set(k, {"node": node, "replica": int(replica), "pid": os.getpid(), "started": time.time(), **fields}, ttl=TTL)
+    return k
+
+
+class Roster:
+    """Alive and gone replicas, from the `nodes/` keys a KVClient follows (it must follow `nodes/`)."""
+
+    def __init__(self, kv, grace: float = GRACE):
+        self.kv, self.grace = kv, grace
+        self._lock = threading.Lock()
+        self._absent: dict[str, float] = {}  # key -> since when we have seen it absent
+        kv.on_change(self._on_change)
+
+    def _on_change(self, k: str, value) -> None:
+        if k.startswith(PREFIX):
+            with self._lock:
+                if value is None:
+                    self._absent.setdefault(k, time.monotonic())
+                else:
+                    self._absent.pop(k, None)
+
+    def alive(self, node: str, replica: int) -> bool:
+        return isinstance(self.kv.get(key(node, replica)), dict)
+
+    def gone(self, node: str, replica: int) -> bool:
+        """True once `node[replica]` has been absent for the grace period in a sound view."""
+        k = key(node, replica)
+        if isinstance(self.kv.get(k), dict):
+            return False
+        now = time.monotonic()
+        with self._lock:
+            since = self._absent.setdefault(k, now)
+        if not getattr(self.kv, "healthy", True):
+            return False  # we cannot tell: the registry is silent, our view is old
+        since = max(since, getattr(self.kv, "synced_at", 0.0))
+        return now - since >= self.grace
+
+    def why(self, node: str, replica: int) -> str:
+        return f"died or left: its liveness key has been gone for over {self.grace:g} s"
+
+    def close(self) -> None:
+        self.kv.remove_on_change(self._on_change)

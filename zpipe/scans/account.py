@@ -1,0 +1,352 @@
+"""A scan's account: what was expected, sent, received, processed and lost, and the outcome that follows.
+
+The account is added up from what each party published (see zpipe.scans.record): the producers'
+flow records (what they planned and sent), the aggregator's (what it received, forwarded,
+rejected, could not deliver), and each node group's part (what it accepted, rejected, which items
+it processed, complete or not, and what its analyses found). Outcomes, documented in
+docs/accounting.md:
+
+* complete: every message the sources planned was sent, received and accepted, every item
+  processed by a node group that reported, every analysis succeeded. Items may be incomplete
+  only by parts the source itself never had (a detector's own loss), and they are named.
+* incomplete: something was lost inside the pipeline (in transit, rejected, undeliverable, with
+  a node group that died, or by a timeout), and every lost item or part is named.
+* failed: the account itself is partial or an analysis failed: what was lost cannot be named
+  (no key range and messages missing; a producer never said what it planned; no node group
+  reported), or the scan's account is empty.
+
+`ok` is true for complete only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+
+OUTCOMES = ("complete", "incomplete", "failed")
+
+
+class KeySet:
+    """The keys of a scan's items seen so far: a bitmap over the announced range (one bit per
+    item when packed), and a set for keys outside it."""
+
+    def __init__(self, key_range: tuple[int, int] | None):
+        self.first, count = key_range if key_range else (0, 0)
+        self.bits = np.zeros(count, dtype=bool)
+        self.extra: set[int] = set()
+
+    def add(self, key: int) -> None:
+        i = key - self.first
+        if 0 <= i < len(self.bits):
+            self.bits[i] = True
+        else:
+            self.extra.add(key)
+
+    def __contains__(self, key: int) -> bool:
+        i = key - self.first
+        return bool(self.bits[i]) if 0 <= i < len(self.bits) else key in self.extra
+
+    def __len__(self) -> int:
+        return int(self.bits.sum()) + len(self.extra)
+
+    def merge(self, other: "KeySet") -> None:
+        if len(self.bits) == len(other.bits) and self.first == other.first:
+            self.bits |= other.bits
+        else:
+            for k in other.keys():
+                self.add(int(k))
+        self.extra |= other.extra
+
+    def keys(self):
+        yield from (np.flatnonzero(self.bits) + self.first).tolist()
+        yield from self.extra
+
+    def pack(self) -> dict[str, Any]:
+        return {"first": self.first, "count": len(self.bits), "bits": np.packbits(self.bits).tobytes(),
+                "extra": sorted(self.extra)[:10_000]}
+
+    @classmethod
+    def unpack(cls, packed: dict[str, Any]) -> "KeySet":
+        ks = cls((int(packed["first"]), int(packed["count"])))
+        bits = np.frombuffer(packed["bits"], np.uint8)
+        ks.bits = np.unpackbits(bits, count=len(ks.bits)).astype(bool) if len(ks.bits) else ks.bits
+        ks.extra = {int(k) for k in packed.get("extra") or ()}
+        return ks
+
+
+def ranges(keys: Iterable[int]) -> list[list[int]]:
+    """Sorted keys as [first, last] runs: a lost node group's half a million frames in a few lines."""
+    out: list[list[int]] = []
+    for k in sorted(keys):
+        if out and k == out[-1][1] + 1:
+            out[-1][1] = k
+        else:
+            out.append([k, k])
+    return out
+
+
+def merge_figures(into: dict[str, Any], figures: dict[str, Any]) -> None:
+    """Workers' and node groups' figures: numbers add up; anything else (thresholds, an error) keeps the first."""
+    for k, v in figures.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            into[k] = into.get(k, 0) + v
+        elif k not in into and v not in (None, {}, [], ""):
+            into[k] = v
+
+
+def _add(into: dict[str, int], more: dict | None) -> None:
+    for k, v in (more or {}).items():
+        if isinstance(v, int):
+            into[k] = into.get(k, 0) + v
+
+
+def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator: dict | None,
+          parts: dict[int, dict], gone: dict[str, str], outputs: dict[str, dict]) -> dict[str, Any]:
+    """The scan's account from every party's figures.
+
+    `producers`: replica -> its flow record (None if it never published one); `aggregator`: its
+    flow record or None (no aggregator, or none published); `parts`: node-group replica -> its
+    part, for the node groups counted (the scan's node groups that reported; a node group that
+    died is left out, its items are then lost); `gone`: label -> why, for every party that died
+    or left before it finished; `outputs`: analysis -> what its writer wrote.
+    """
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    keys = meta.get("keys")
+    ngs = [g for g in record.get("node_groups") or [] if isinstance(g, int)]
+    source = record.get("source") or {}
+    reasons: list[str] = []
+    rep: dict[str, Any] = {"scan": scan, "node_groups": [], "node_groups_lost": {}, "gone": dict(gone),
+                           "analyses": {}, "outputs": {}, "rejected_by": {}, "timed_out": False}
+
+    # -- what the sources planned and sent ------------------------------------------------------
+    planned = sent = undeliverable = 0
+    unknown_plan = []
+    first_sent = last_sent = None
+    for r, flow in sorted(producers.items()):
+        label = f"{source.get('node', 'producer')}[{r}]"
+        if not flow or flow.get("planned") is None:
+            unknown_plan.append(label)
+            continue
+        planned += int(flow["planned"])
+        sent += int(flow.get("sent") or 0)
+        undeliverable += int(flow.get("undeliverable") or 0)
+        if not flow.get("done"):
+            reasons.append(f"{label} stopped before it finished sending ({gone.get(label, 'no final count')})")
+        for k, pick in (("first_sent", min), ("last_sent", max)):
+            v = flow.get(k)
+            if isinstance(v, (int, float)):
+                cur = first_sent if k == "first_sent" else last_sent
+                val = v if cur is None else pick(cur, v)
+                if k == "first_sent":
+                    first_sent = val
+                else:
+                    last_sent = val
+    rep.update(expected=planned, sent=sent)
+    if unknown_plan:
+        reasons.append(f"never said what they would send: {', '.join(unknown_plan)}")
+    if planned != sent:
+        reasons.append(f"the sources sent {sent:,} of the {planned:,} messages they planned")
+
+    # -- the aggregator ----------------------------------------------------------------------------
+    relayed_in = None
+    if aggregator is not None:
+        relayed_in = int(aggregator.get("received") or 0)
+        undeliverable += int(aggregator.get("undeliverable") or 0)
+        if aggregator.get("rejected"):
+            _add(rep["rejected_by"].setdefault("aggregator", {}), aggregator.get("rejected_by"))
+        rep["aggregator"] = {k: aggregator.get(k) for k in ("received", "rejected", "forwarded", "undeliverable",
+                                                             "rerouted", "done")}
+        if not aggregator.get("done"):
+            reasons.append(f"the aggregator stopped before it closed the scan ({gone.get('aggregator', 'no final count')})")
+    elif record.get("route", {}).get("aggregator"):
+        reasons.append("the aggregator never reported on the scan")
+
+    # -- the node groups ---------------------------------------------------------------------------
+    received = nbytes = rejected = 0
+    sent_to_groups = 0
+    complete = incomplete = duplicates = 0
+    missing_parts: dict[str, list[int]] = {}
+    seen = KeySet(tuple(keys) if keys else None)
+    parts_per_item = None
+    firsts, processed_at = [], []
+    for r in ngs:
+        part = parts.get(r)
+        label = (part or {}).get("label") or f"{(record.get('route') or {}).get('node_group', 'nodegroup')}[{r}]"
+        if part is None:
+            why = gone.get(label, "it never reported")
+            rep["node_groups_lost"][label] = why
+            reasons.append(f"{label} is missing from the account ({why}): its items are lost")
+            continue
+        rep["node_groups"].append(label)
+        received += int(part.get("received") or 0)
+        nbytes += int(part.get("bytes") or 0)
+        sent_to_groups += int(part.get("sent") or 0)
+        if part.get("rejected"):
+            rejected += int(part["rejected"])
+            _add(rep["rejected_by"].setdefault(label, {}), part.get("rejected_by"))
+        if part.get("timed_out"):
+            rep["timed_out"] = True
+            reasons.append(f"{label} closed the scan by its timeout, not by its senders' counts")
+        for s, why in (part.get("senders_gone") or {}).items():
+            reasons.append(f"{label}: sender {s} {why}")
+        complete += int(part.get("complete") or 0)
+        incomplete += int(part.get("incomplete") or 0)
+        missing_parts.update(part.get("missing_parts") or {})
+        parts_per_item = parts_per_item or part.get("parts_per_item")
+        if part.get("processed"):
+            ks = KeySet.unpack(part["processed"])
+            before = len(seen)
+            seen.merge(ks)
+            duplicates += len(ks) - (len(seen) - before)
+        if part.get("first_received"):
+            firsts.append(part["first_received"])
+        if part.get("processed_at"):
+            processed_at.append(part["processed_at"])
+        for name, a in (part.get("analyses") or {}).items():
+            mine = rep["analyses"].setdefault(name, {})
+            if a.get("failed"):
+                mine.setdefault("failed", []).append({**a["failed"], "node_group": label})
+            merge_figures(mine, a.get("figures") or {})
+        if part.get("flow"):
+            rep.setdefault("flow", {})[label] = part["flow"]
+        if part.get("late"):
+            rep.setdefault("late", {})[label] = part["late"]
+            reasons.append(f"{label} turned away {sum(part['late'].values()):,} messages of the scan after closing it")
+    rep.update(received=received, bytes=nbytes, rejected=rejected + int((aggregator or {}).get("rejected") or 0),
+               undeliverable=undeliverable, complete=complete, incomplete=incomplete)
+    if rep["rejected"]:
+        reasons.append(f"{rep['rejected']:,} messages of the scan were rejected")
+    if undeliverable:
+        reasons.append(f"{undeliverable:,} messages could not be delivered (no node group of the scan was alive)")
+
+    # Lost in transit: handed to the next hop but never there (a peer that died with them queued).
+    lost_transit = 0
+    if relayed_in is not None:
+        lost_transit += max(0, sent - relayed_in - int(aggregator.get("rejected") or 0))
+        forwarded = aggregator.get("forwarded") or {}
+        for r in ngs:
+            if r in parts:
+                continue
+            lost_transit += int(forwarded.get(str(r), 0))
+        counted = sum(int(forwarded.get(str(r), 0)) for r in ngs if r in parts)
+        lost_transit += max(0, counted - received - rejected)
+    else:
+        lost_transit += max(0, sent - received - rejected)
+    rep["lost_in_transit"] = lost_transit
+    if lost_transit:
+        reasons.append(f"{lost_transit:,} messages were lost in transit (queued to a peer that died or left)")
+
+    # -- items -------------------------------------------------------------------------------------
+    rep["missing_parts"] = dict(sorted(missing_parts.items(), key=lambda kv: int(kv[0])))
+    parts_missing = sum(len(v) for v in missing_parts.values())
+    if keys:
+        first, count = keys
+        missing = np.flatnonzero(~seen.bits) + first
+        rep["items"] = {"expected": count, "processed": int(seen.bits.sum()), "complete": complete,
+                        "incomplete": incomplete, "missing": len(missing), "duplicates": duplicates,
+                        "outside_range": len(seen.extra)}
+        rep["missing_items"] = missing.tolist() if len(missing) <= 100_000 else []
+        rep["missing_item_ranges"] = ranges(missing.tolist())
+        if len(missing):
+            reasons.append(f"{len(missing):,} of {count:,} items were never processed (lost before any part "
+                           f"reached a node group that reported)")
+        if duplicates:
+            reasons.append(f"{duplicates:,} items were processed by more than one node group")
+        if parts_per_item:
+            parts_missing += len(missing) * parts_per_item
+            # Parts the sources never had: the scan's parts less those the producers planned to send.
+            rep["parts_lost_upstream"] = max(0, count * parts_per_item - planned) if not unknown_plan else None
+    else:
+        rep["items"] = {"expected": None, "processed": None, "complete": complete, "incomplete": incomplete}
+        rep["missing_items"], rep["missing_item_ranges"] = [], []
+    rep["lost_parts"] = parts_missing
+
+    # -- analyses and outputs ---------------------------------------------------------------------
+    for name, a in rep["analyses"].items():
+        for f in a.get("failed", []):
+            reasons.append(f"analysis {name!r} failed in {f.get('hook')} on {f.get('node_group')}: {f.get('error')}")
+    writers = {n for p in parts.values() for n, a in (p.get("analyses") or {}).items() if a.get("writes")}
+    for name in sorted(writers):
+        out = outputs.get(name)
+        if out and out.get("path"):
+            rep["outputs"][name] = out["path"]
+            lacking = [r for r in parts if r not in (out.get("node_groups") or [])]
+            if lacking:
+                reasons.append(f"analysis {name!r}: its output lacks the results of node groups {lacking}")
+                rep.setdefault("outputs_partial", {})[name] = lacking
+        elif out and out.get("error"):
+            reasons.append(f"analysis {name!r}: its output could not be written: {out['error']}")
+        elif out is None or not out.get("empty"):
+            reasons.append(f"analysis {name!r}: no output was written")
+
+    # -- times -------------------------------------------------------------------------------------
+    if record.get("started"):
+        end = max(processed_at) if processed_at else None
+        rep["seconds"] = (end - record["started"]) if end else None
+    first = first_sent or (min(firsts) if firsts else None)
+    if first and processed_at:
+        rep["streaming_seconds"] = max(processed_at) - first
+    rep["first_received"] = min(firsts) if firsts else None
+    rep["processed"] = max(processed_at) if processed_at else None
+
+    rep["outcome"], rep["reasons"] = outcome(rep, reasons, keys_known=bool(keys), unknown_plan=bool(unknown_plan),
+                                             any_part=bool(rep["node_groups"]))
+    rep["ok"] = rep["outcome"] == "complete"
+    return rep
+
+
+def outcome(rep: dict, reasons: list[str], *, keys_known: bool, unknown_plan: bool, any_part: bool):
+    """(outcome, reasons): complete only when nothing is wrong; failed when the loss cannot be named."""
+    failed = []
+    if not any_part:
+        failed.append("no node group of the scan reported: nothing is known of what arrived")
+    if unknown_plan:
+        failed.append("some source never said what it would send: the expected count is unknown")
+    if rep["expected"] == 0 and not rep["received"]:
+        failed.append("the account is empty: nothing was expected and nothing arrived")
+    if any(a.get("failed") for a in rep["analyses"].values()):
+        failed.append("an analysis failed")
+    lost_messages = rep["expected"] - rep["received"]
+    if not keys_known and (lost_messages or rep["node_groups_lost"]):
+        failed.append("messages were lost and the source gave no key range to name the items they carried")
+    if failed:
+        return "failed", failed + reasons
+    if reasons:
+        return "incomplete", reasons
+    return "complete", []
+
+
+def summary_line(rep: dict) -> str:
+    scan = rep.get("scan")
+    took = f" in {rep['seconds']:.2f} s" if isinstance(rep.get("seconds"), (int, float)) else ""
+    streamed = rep.get("streaming_seconds")
+    if streamed and rep.get("bytes") and streamed > 0:
+        gb = rep["bytes"] / 1e9
+        took += f" (streamed {gb:.2f} GB in {streamed:.2f} s, {gb / streamed:.2f} GB/s)"
+    items = rep.get("items") or {}
+    parts = [f"scan {scan} {rep.get('outcome', '?')}{took}: expected {rep.get('expected', 0):,}, "
+             f"received {rep.get('received', 0):,}",
+             f"{rep.get('complete', 0):,} complete + {rep.get('incomplete', 0):,} incomplete items"]
+    lost = rep.get("lost_parts", 0)
+    if rep.get("missing_parts"):
+        shown = ", ".join(f"{k}:{v}" for k, v in list(rep["missing_parts"].items())[:5])
+        more = " ..." if len(rep["missing_parts"]) > 5 else ""
+        parts.append(f"{lost:,} missing parts ({shown}{more})")
+    if items.get("missing"):
+        parts.append(f"{items['missing']:,} items missing entirely")
+    for f in ("rejected", "undeliverable", "lost_in_transit"):
+        if rep.get(f):
+            parts.append(f"{rep[f]:,} {f.replace('_', ' ')}")
+    if rep.get("node_groups_lost"):
+        parts.append("lost node groups: " + ", ".join(rep["node_groups_lost"]))
+    if rep.get("timed_out"):
+        parts.append("ended by timeout")
+    if rep.get("outcome") == "failed" and rep.get("reasons"):
+        parts.append(f"FAILED: {rep['reasons'][0]}")
+    return "; ".join(parts)
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,204 @@
+"""The accountant: closes every scan's account from what its parties published, whoever of them died.
+
+It runs beside the registry server (in `zpipe run` on the registry's host, or `zpipe kv`), the
+one process every party talks to and that outlives a node's death. It watches the scan records,
+the producers' and the aggregator's flow records, the node groups' parts and who is alive (see
+zpipe.roster). A scan's account is closed once every party of it has either published its final
+figures or is gone; it is written to `scans/{id}/report`, summed up in the record, and (with an
+output directory) written as `scan_{id}_report.json`. A part that changes afterwards (a node
+group turning away late messages of the scan) reopens it: the account is written again with the
+next revision, never left saying less than is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from zpipe.kv import KVClient
+from zpipe.roster import Roster
+from zpipe.scans import account, record
+
+log = logging.getLogger("zpipe.accountant")
+SUBTREES = ("scans/", "flow/", "nodes/")
+TICK = 0.2
+UNSEEN_GRACE = 10.0  # s after every sender finished: a live node group with no part never saw the scan
+
+
+class Accountant(threading.Thread):
+    def __init__(self, address: str, output_dir: str | None = None, *, name: str = "accountant"):
+        super().__init__(name=name, daemon=True)
+        self.kv = KVClient(address, SUBTREES, name=name)
+        self.output_dir = output_dir
+        self.roster: Roster | None = None
+        self.stopped = threading.Event()
+        self.closed: dict[int, tuple] = {}  # scan -> fingerprint of the inputs its account was made from
+        self.revisions: dict[int, int] = {}
+        self.reports: dict[int, dict] = {}  # scan -> its latest account, for the process that runs us
+        self._senders_done: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> "Accountant":
+        self.kv.start()
+        self.roster = Roster(self.kv)
+        super().start()
+        return self
+
+    def run(self) -> None:
+        while not self.stopped.wait(TICK):
+            try:
+                self.sweep()
+            except Exception:  # the account must outlive a bad record: log it and go on
+                log.exception("accountant: a sweep failed")
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        self.kv.close()
+
+    # -- closing accounts --------------------------------------------------------------------------
+    def sweep(self, final: str | None = None) -> list[int]:
+        """Close every scan whose parties are all done or gone (all of them, with `final` set: the run ends)."""
+        closed = []
+        with self._lock:
+            items = self.kv.items(record.PREFIX)
+            flows = self.kv.items("flow/")
+            for k, rec in items.items():
+                scan = record.scan_of(k)
+                if scan is None or not isinstance(rec, dict) or rec.get("fallback") or not rec.get("node_groups"):
+                    continue
+                inputs = self._inputs(scan, rec, items, flows)
+                if inputs is None and final is None:
+                    continue
+                if inputs is None:
+                    inputs = self._inputs(scan, rec, items, flows, force=final)
+                fingerprint = _fingerprint(inputs)
+                if self.closed.get(scan) == fingerprint:
+                    continue
+                self._close(scan, rec, inputs, fingerprint)
+                closed.append(scan)
+        return closed
+
+    def _inputs(self, scan: int, rec: dict, items: dict, flows: dict, force: str | None = None):
+        """Every party's figures for the scan, or None while a live party has not finished."""
+        source = rec.get("source") if isinstance(rec.get("source"), dict) else {}
+        route = rec.get("route") if isinstance(rec.get("route"), dict) else {}
+        pnode, preps = source.get("node", "producer"), int(source.get("replicas") or 0)
+        agg, ng_node = route.get("aggregator"), route.get("node_group", "nodegroup")
+        gone: dict[str, str] = {}
+        waiting = False
+        producers: dict[int, dict | None] = {}
+        for r in range(preps):
+            flow = flows.get(f"flow/{pnode}/{r}/{scan}")
+            producers[r] = flow if isinstance(flow, dict) else None
+            if not (flow and flow.get("done")):
+                if self.roster.gone(pnode, r):
+                    gone[f"{pnode}[{r}]"] = self.roster.why(pnode, r)
+                else:
+                    waiting = True
+        agg_flow = None
+        if agg:
+            agg_flow = flows.get(f"flow/{agg}/0/{scan}")
+            agg_flow = agg_flow if isinstance(agg_flow, dict) else None
+            if not (agg_flow and agg_flow.get("done")):
+                if self.roster.gone(agg, 0):
+                    gone["aggregator"] = gone[f"{agg}[0]"] = self.roster.why(agg, 0)
+                else:
+                    waiting = True
+        senders_finished = not waiting
+        now = time.monotonic()
+        if senders_finished:
+            self._senders_done.setdefault(scan, now)
+        parts: dict[int, dict] = {}
+        for r in rec.get("node_groups") or []:
+            if not isinstance(r, int):
+                continue
+            part = items.get(record.part_key(scan, r))
+            label = f"{ng_node}[{r}]"
+            if isinstance(part, dict) and part.get("final"):
+                parts[r] = part
+            elif self.roster.gone(ng_node, r):
+                gone[label] = self.roster.why(ng_node, r)
+                if isinstance(part, dict):
+                    gone[label] += f" after accepting {part.get('received', 0):,} messages of the scan"
+            elif part is None and senders_finished and now - self._senders_done[scan] > UNSEEN_GRACE:
+                gone[label] = "never heard of the scan"
+            else:
+                waiting = True
+        if waiting and force is None:
+            return None
+        if force is not None:
+            for r in range(preps):
+                if not (producers[r] and producers[r].get("done")):
+                    gone.setdefault(f"{pnode}[{r}]", force)
+            for r in rec.get("node_groups") or []:
+                if isinstance(r, int) and r not in parts:
+                    gone.setdefault(f"{ng_node}[{r}]", force)
+        outputs = {k.rsplit("/", 1)[1]: v for k, v in items.items()
+                   if k.startswith(f"{record.PREFIX}{scan}/output/") and isinstance(v, dict)}
+        return producers, agg_flow, parts, gone, outputs
+
+    def _close(self, scan: int, rec: dict, inputs, fingerprint) -> None:
+        producers, agg_flow, parts, gone, outputs = inputs
+        try:
+            rep = account.total(scan, rec, producers, agg_flow, parts, gone, outputs)
+        except Exception as exc:  # malformed figures: still an account, and a failed one
+            log.exception("accountant: scan %d: the figures do not add up", scan)
+            rep = {"scan": scan, "outcome": "failed", "ok": False, "expected": 0, "received": 0,
+                   "complete": 0, "incomplete": 0, "reasons": [f"the account could not be added up: {exc}"]}
+        revision = self.revisions.get(scan, 0) + 1
+        self.revisions[scan] = revision
+        rep["revision"] = revision
+        rep["written"] = time.time()
+        if revision > 1:
+            log.warning("scan %d: account revised (%d): %s", scan, revision, rep.get("outcome"))
+        path = None
+        if self.output_dir:
+            try:
+                os.makedirs(self.output_dir, exist_ok=True)
+                path = record.write_json(os.path.join(self.output_dir, f"scan_{scan}_report.json"), rep)
+            except OSError as exc:
+                log.error("scan %d: could not write its report in %s: %s", scan, self.output_dir, exc)
+        rep["report_file"] = path
+        self.kv.set(record.report_key(scan), rep)
+        outputs = "".join(f"; {name} wrote {out}" for name, out in (rep.get("outputs") or {}).items())
+        summary = account.summary_line(rep) + outputs
+        record.update(self.kv, scan, status="done", outcome=rep["outcome"], ok=rep["ok"], report_file=path,
+                      summary=summary, revision=revision, expected=rep.get("expected"), received=rep.get("received"),
+                      complete=rep.get("complete"), incomplete=rep.get("incomplete"), lost_parts=rep.get("lost_parts"),
+                      outputs=rep.get("outputs"), finished=time.time())
+        self.closed[scan] = fingerprint
+        self.reports[scan] = {**rep, "summary": summary}
+        log.info("%s", summary)
+
+    def finish(self, why: str, timeout: float = 0.0) -> None:
+        """The run ends: close what is still open with what is known (those scans fail), then flush."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._open():
+            time.sleep(TICK)
+        self.sweep(final=why)
+
+    def _open(self) -> list[int]:
+        items = self.kv.items(record.PREFIX)
+        out = []
+        for k, rec in items.items():
+            scan = record.scan_of(k)
+            if scan is not None and isinstance(rec, dict) and not rec.get("fallback") and rec.get("node_groups") \
+                    and scan not in self.closed:
+                out.append(scan)
+        return out
+
+
+def _fingerprint(inputs) -> tuple:
+    producers, agg_flow, parts, gone, outputs = inputs
+
+    def rev(d: Any) -> Any:
+        return (d.get("revision"), d.get("updated"), d.get("done"), d.get("final")) if isinstance(d, dict) else None
+
+    return (tuple((r, rev(f)) for r, f in sorted(producers.items())), rev(agg_flow),
+            tuple((r, rev(p)) for r, p in sorted(parts.items())), tuple(sorted(gone.items())),
+            tuple((n, rev(o)) for n, o in sorted(outputs.items())))

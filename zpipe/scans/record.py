@@ -1,0 +1,84 @@
+"""A scan's record in the key-value store, and the keys of everything else kept about a scan.
+
+`scans/{id}` holds the record: status (announced, streaming, fallback, processing, writing,
+done), the node groups fixed for the scan when it was announced, the source's metadata, who
+takes part (`source`: the producer node and its replicas; `route`: the aggregator, if any, and
+the node-group node), and once the account is closed its outcome and summary.
+`scans/{id}/part/{replica}` is each node group's part of the account, published as the scan
+goes and finally when the node group closes it; `scans/{id}/report` is the whole account (see
+zpipe.scans.account), and `scans/{id}/output/{analysis}` what a writer wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from zpipe.kv import KVClient
+
+PREFIX = "scans/"
+
+
+def key(scan: int) -> str:
+    return f"{PREFIX}{scan}"
+
+
+def part_key(scan: int, replica: int) -> str:
+    return f"{PREFIX}{scan}/part/{replica}"
+
+
+def report_key(scan: int) -> str:
+    return f"{PREFIX}{scan}/report"
+
+
+def output_key(scan: int, analysis: str) -> str:
+    return f"{PREFIX}{scan}/output/{analysis}"
+
+
+def scan_of(k: str) -> int | None:
+    """The scan number of `scans/{id}` (the record itself), else None."""
+    rest = k[len(PREFIX):] if k.startswith(PREFIX) else ""
+    return int(rest) if rest.isdigit() else None
+
+
+_written: dict[tuple[int, str], dict] = {}  # (client, key) -> fields this process wrote
+
+
+def update(kv: KVClient, scan: int, **fields) -> dict:
+    """Merge `fields` into the scan record.
+
+    The store shows our own writes only once the server has echoed them, so a second
+    update right after a first would read the record without them and wipe them out:
+    the fields this process wrote are kept here and merged over what the store shows.
+    One party writes each phase's fields (producers, then the accountant), so ours win.
+    """
+    mine = _written.setdefault((id(kv), key(scan)), {})
+    mine.update(fields, updated=time.time())
+    current = kv.get(key(scan))
+    rec = {"scan": scan, **(current if isinstance(current, dict) else {}), **mine}
+    kv.set(key(scan), rec)
+    return rec
+
+
+def wait_record(kv: KVClient, scan: int, timeout: float, stop=None) -> dict | None:
+    """The record, once the scan's first producer has announced it; None after `timeout` (or stop)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        rec = kv.get(key(scan))
+        if isinstance(rec, dict) and isinstance(rec.get("node_groups"), list):
+            return rec
+        try:
+            kv.wait(lambda items: key(scan) in items, prefix=key(scan), timeout=min(0.2, deadline - time.monotonic()))
+        except TimeoutError:
+            pass
+    return None
+
+
+def write_json(path: str, data: dict) -> str:
+    """Atomically: a reader never sees half a report."""
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    return path
