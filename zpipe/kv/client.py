@@ -61,6 +61,8 @@ class KVClient:
         # Marks our own writes in the update stream (ownership, see Agent.on_update).
         self.client_id = uuid.uuid4().bytes[:8]
         self.resyncs = 0  # snapshots taken after the first one
+        self.synced_at = 0.0  # monotonic time of the last snapshot installed (keys may be missing just after)
+        self._agent = None
         # Malformed messages dropped, by reason; and how often we put back each
         # ephemeral key of ours that another client overwrote or deleted. Both
         # written by the agent thread only.
@@ -124,7 +126,7 @@ class KVClient:
         self.close()
 
     def _agent_main(self) -> None:
-        agent = Agent(self)
+        agent = self._agent = Agent(self)
         try:
             agent.run()
         except BaseException as exc:
@@ -219,7 +221,16 @@ class KVClient:
 
     # -- state changes (agent thread) ------------------------------------------
 
+    @property
+    def healthy(self) -> bool:
+        """In step with a server we heard from lately: what we hold is the store as it is now.
+        (During an outage the copy is kept as it was; a key missing from it then proves nothing.)"""
+        agent = self._agent
+        return (agent is not None and agent.phase == "live"
+                and time.monotonic() - agent.last_heard <= agent.heartbeat_timeout)
+
     def _install(self, state: dict[str, Any], seq: int) -> None:
+        self.synced_at = time.monotonic()
         with self._cond:
             old, self._state, self._seq = self._state, state, seq
             self._version += 1

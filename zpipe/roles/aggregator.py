@@ -67,6 +67,7 @@ class _Scan:
     received: int = 0
     forwarded: dict = field(default_factory=dict)  # node group -> data messages relayed to it
     gone: set = field(default_factory=set)  # node groups found gone during the scan
+    told: set = field(default_factory=set)  # node groups our info reached
     undeliverable: int = 0
     rerouted: int = 0
     closed: bool = False
@@ -87,6 +88,7 @@ class _Channel:
     gone: set = field(default_factory=set)  # producer threads found gone
     finished: bool = False
     queue: deque = field(default_factory=deque)  # (node group or None, frames, scan state, key) waiting to go
+    owed: dict = field(default_factory=dict)  # node group -> `done`s of scans we gave up on it in, for if it returns
     since: float = 0.0
     totals: dict = field(default_factory=lambda: {"messages": 0, "bytes": 0, "undeliverable": 0, "rerouted": 0})
 
@@ -159,7 +161,7 @@ class _Relay:
             st = ch.scans[scan] = _Scan(scan, list(ngs), meta)
             self.scan_totals.setdefault(scan, _empty_totals())
             for g in st.node_groups:  # tell each node group before it gets a part of the scan from us
-                ch.queue.append((g, messages.info(self.pipe, scan, ch.me, st.node_groups, meta), st, None))
+                self.queue_to(ch, g, messages.info(self.pipe, scan, ch.me, st.node_groups, meta), st, "info")
         elif ngs != st.node_groups:
             raise Rejected("info disagrees on node groups", f"scan {scan}: {ngs} vs {st.node_groups}")
         if sender in st.infos:
@@ -182,7 +184,7 @@ class _Relay:
         st.received += 1
         self.rt.meter.msgs_in += 1
         self.rt.meter.bytes_in += len(frames[1])
-        ch.queue.append((self.target(st, key), frames, st, key))
+        ch.queue.append((self.target(st, key), frames, st, key))  # key: the item's, an int
 
     def done(self, ch: _Channel, header: dict, sender: str) -> None:
         scan = messages.scan_id(header)
@@ -205,6 +207,12 @@ class _Relay:
         self.maybe_finish(ch)
 
     # -- routing -----------------------------------------------------------------------------------
+    def queue_to(self, ch: _Channel, g: int, frames, st: _Scan | None, tag: str) -> None:
+        """Queue a control message (`tag`: info, done or end) to node group g, after any `done` we owe it."""
+        for owed in ch.owed.pop(g, ()):
+            ch.queue.append((g, owed, None, "owed"))
+        ch.queue.append((g, frames, st, tag))
+
     def target(self, st: _Scan, key: int) -> int | None:
         """The node group of the scan this item goes to: `key` mod their number, among those alive."""
         ngs = st.node_groups
@@ -214,17 +222,22 @@ class _Relay:
             if not alive:
                 return None
             g = alive[key % len(alive)]
+            st.rerouted += 1
         return g
 
     def resend(self, ch: _Channel, now: float) -> bool:
-        """Send what the channel has queued, in order; True once all of it went (or was counted lost)."""
+        """Send what the channel has queued, in order; True once all of it went (or was counted lost).
+
+        Queued entries are (node group, frames, scan, key): key is the item's key for data, else
+        the control message's tag (info, done, end, or owed: a `done` of a scan we gave up on it in).
+        """
         while ch.queue:
             g, frames, st, key = ch.queue[0]
-            if g is None:
+            data = type(key) is int
+            if g is None:  # data with no node group of the scan alive
                 ch.queue.popleft()
-                if key is not None:  # data with no node group of the scan alive
-                    st.undeliverable += 1
-                    ch.totals["undeliverable"] += 1
+                st.undeliverable += 1
+                ch.totals["undeliverable"] += 1
                 continue
             try:
                 if not ch.out.try_send(g, frames):
@@ -232,28 +245,27 @@ class _Relay:
                         ch.since = now
                     return False
             except PeerGone as exc:
-                if st is None:  # an `end` to a node group that is gone
-                    ch.queue.popleft()
-                    continue
-                if g not in st.gone:
-                    st.gone.add(g)
-                    log.warning("%s channel %d: scan %d: %s; the rest of its share goes to the scan's other node "
-                                "groups", self.rt.label, ch.c, st.id, exc)
-                if key is None:  # a control message to a node group that is gone: nothing to say to it
-                    ch.queue.popleft()
-                else:
-                    ch.queue[0] = (self.target(st, key), frames, st, key)
-                    st.rerouted += 1
-                    ch.totals["rerouted"] += 1
+                ch.queue.popleft()
+                if key == "owed":  # still gone: still owed
+                    ch.owed.setdefault(g, []).append(frames)
+                elif st is not None:
+                    if g not in st.gone:
+                        st.gone.add(g)
+                        log.warning("%s channel %d: scan %d: %s; the rest of its share goes to the scan's other "
+                                    "node groups", self.rt.label, ch.c, st.id, exc)
+                    if data:
+                        ch.queue.appendleft((self.target(st, key), frames, st, key))
                 continue
             ch.queue.popleft()
-            if key is not None:
+            if data:
                 nbytes = len(frames[1])
                 st.forwarded[g] = st.forwarded.get(g, 0) + 1
                 ch.totals["messages"] += 1
                 ch.totals["bytes"] += nbytes
                 self.rt.meter.msgs_out += 1
                 self.rt.meter.bytes_out += nbytes
+            elif key == "info":
+                st.told.add(g)
         if ch.since:
             self.rt.meter.blocked_s += now - ch.since
             ch.since = 0.0
@@ -266,8 +278,11 @@ class _Relay:
             return
         st.closed = True
         for g in st.node_groups:
+            done = messages.done(self.pipe, st.id, ch.me, st.forwarded.get(g, 0), abandoned=g in st.gone)
             if g not in st.gone:
-                ch.queue.append((g, messages.done(self.pipe, st.id, ch.me, st.forwarded.get(g, 0)), st, None))
+                self.queue_to(ch, g, done, st, "done")
+            elif g in st.told:  # should it come back (it froze), it learns we gave up on it for this scan
+                ch.owed.setdefault(g, []).append(done)
         ch.closed.add(st.id)
         del ch.scans[st.id]
         self.closed_on_channel(ch, st)
@@ -278,6 +293,9 @@ class _Relay:
         tot["received"] += st.received
         tot["undeliverable"] += st.undeliverable
         tot["rerouted"] += st.rerouted
+        ch.totals["rerouted"] += st.rerouted
+        for g in st.gone:
+            tot["gave_up_on"][str(g)] = tot["gave_up_on"].get(str(g), 0) + st.forwarded.get(g, 0)
         for g, n in st.forwarded.items():
             tot["forwarded"][str(g)] = tot["forwarded"].get(str(g), 0) + n
         tot["producers_gone"] += sorted(s for s in ch.origins if s in ch.gone and s not in st.dones)
@@ -299,7 +317,7 @@ class _Relay:
         ch.finished = True
         ch.out.refresh()
         for g in ch.out.replicas():
-            ch.queue.append((g, messages.end(self.pipe, ch.me), None, None))
+            self.queue_to(ch, g, messages.end(self.pipe, ch.me), None, "end")
         self.open -= 1
         self.publish_closed()
 
@@ -323,4 +341,5 @@ class _Relay:
 
 
 def _empty_totals() -> dict:
-    return {"received": 0, "rejected": 0, "undeliverable": 0, "rerouted": 0, "forwarded": {}, "producers_gone": []}
+    return {"received": 0, "rejected": 0, "undeliverable": 0, "rerouted": 0, "forwarded": {}, "producers_gone": [],
+            "gave_up_on": {}}

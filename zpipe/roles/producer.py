@@ -39,6 +39,7 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
     direct = plan.aggregator is None
     # Threads keep their sockets for the whole run: one connection per thread, as in the paper.
     outboxes: dict[int, Outbox] = {}
+    owed: dict[int, dict[int, list]] = {t: {} for t in range(spec.threads)}  # thread -> node group -> `done`s owed
 
     def outbox(t: int) -> Outbox:
         if t not in outboxes:
@@ -69,17 +70,17 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
                 flow.publish(rt.kv, rt.name, rt.replica, sc.id, done=False, planned=planned["planned"], sent=0,
                               first_sent=None)
                 pace = _Pace(len(plugins))
-                counts = _in_threads(rt, plugins, lambda t, p: _stream(rt, p, sc, t, ngs, outbox(t), pace))
+                counts = _in_threads(rt, plugins, lambda t, p: _stream(rt, p, sc, t, ngs, outbox(t), pace, owed[t]))
             flow.publish(rt.kv, rt.name, rt.replica, sc.id, done=True, planned=counts.get("planned", 0),
                           sent=counts.get("messages", 0), undeliverable=counts.get("undeliverable", 0),
                           bytes=counts.get("bytes", 0), seconds=time.perf_counter() - t0, fallback=bool(rec) and not ngs,
                           first_sent=counts.get("first_sent"), last_sent=counts.get("last_sent"),
-                          lost_to=counts.get("lost_to") or None)
+                          sent_to=counts.get("sent_to") or None)
             for k in ("messages", "bytes", "undeliverable"):
                 totals[k] += counts.get(k, 0)
             totals["scans"] += 1
             rt.meter.state = "idle"
-        _in_threads(rt, plugins, lambda t, p: _send_end(rt, t, outbox(t), direct))
+        _in_threads(rt, plugins, lambda t, p: _send_end(rt, t, outbox(t), direct, owed[t]))
         flow.publish(rt.kv, rt.name, rt.replica, "end", done=True)
     finally:
         for ob in outboxes.values():
@@ -88,24 +89,40 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
 
 
 def _announce(rt: NodeRuntime, sc: Scan) -> dict | None:
-    """Replica 0 fixes the scan's node groups; the others take them from the record (bounded wait)."""
+    """The lowest live replica fixes the scan's node groups; the others take them from the record.
+
+    Replica 0 announces; should it be gone (zpipe.roster), the next one does, so the scans of a
+    run whose first producer died are still announced and accounted for."""
     plan = rt.plan
-    if rt.replica == 0:
-        # Wait (bounded) for every node group the topology declares, then go with those alive.
-        want = plan.ng_replicas
-        deadline = time.monotonic() + (rt.spec.fallback_wait if rt.spec.fallback else rt.resolve_timeout)
-        while True:
-            ngs = [ep.replica for ep in rt.registry.endpoints(plan.node_group, f"{plan.node_group_in}@0")
-                   if rt.roster.alive(plan.node_group, ep.replica)]
-            if len(ngs) >= want or time.monotonic() > deadline or rt.stop.is_set():
-                break
-            time.sleep(0.05)
-        source = {"node": rt.name, "replicas": rt.spec.replicas, "threads": rt.spec.threads}
-        route = {"aggregator": plan.aggregator, "node_group": plan.node_group}
-        return scans.update(rt.kv, sc.id, status="announced" if ngs else "fallback", node_groups=ngs,
-                            meta=sc.meta, source=source, route=route, producers=rt.spec.replicas,
-                            pipe=rt.pipe, started=time.time())
-    return scans.wait_record(rt.kv, sc.id, timeout=ANNOUNCE_WAIT, stop=rt.stop)
+    deadline = time.monotonic() + ANNOUNCE_WAIT
+    while not rt.stop.is_set():
+        announcer = next((r for r in range(rt.spec.replicas) if r == rt.replica or not rt.roster.gone(rt.name, r)))
+        if announcer == rt.replica:
+            break
+        rec = scans.wait_record(rt.kv, sc.id, timeout=0.5, stop=rt.stop, pipe=rt.pipe)
+        if rec is not None:
+            return rec
+        if time.monotonic() > deadline:
+            return None
+    else:
+        return None
+    current = rt.kv.get(scans.key(sc.id))
+    if isinstance(current, dict) and isinstance(current.get("node_groups"), list) and current.get("pipe") == rt.pipe:
+        return current  # announced already (by a replica before us that has since gone)
+    # Wait (bounded) for every node group the topology declares, then go with those alive.
+    want = plan.ng_replicas
+    until = time.monotonic() + (rt.spec.fallback_wait if rt.spec.fallback else rt.resolve_timeout)
+    while True:
+        ngs = [ep.replica for ep in rt.registry.endpoints(plan.node_group, f"{plan.node_group_in}@0")
+               if rt.roster.alive(plan.node_group, ep.replica)]
+        if len(ngs) >= want or time.monotonic() > until or rt.stop.is_set():
+            break
+        time.sleep(0.05)
+    source = {"node": rt.name, "replicas": rt.spec.replicas, "threads": rt.spec.threads}
+    route = {"aggregator": plan.aggregator, "node_group": plan.node_group}
+    return scans.update(rt.kv, sc.id, status="announced" if ngs else "fallback", node_groups=ngs,
+                        meta=sc.meta, source=source, route=route, producers=rt.spec.replicas,
+                        pipe=rt.pipe, announced_by=rt.label, started=time.time())
 
 
 def _in_threads(rt: NodeRuntime, plugins, work) -> dict:
@@ -131,13 +148,13 @@ def _in_threads(rt: NodeRuntime, plugins, work) -> dict:
     if errors:
         raise errors[0]
     total: collections.Counter = collections.Counter()
-    lost_to: dict[str, int] = {}
+    sent_to: dict[str, int] = {}
     for r in results:
-        total.update({k: v for k, v in r.items() if k not in _WHEN and k != "lost_to"})
-        for g, n in (r.get("lost_to") or {}).items():
-            lost_to[g] = lost_to.get(g, 0) + n
+        total.update({k: v for k, v in r.items() if k not in _WHEN and k != "sent_to"})
+        for g, n in (r.get("sent_to") or {}).items():
+            sent_to[g] = sent_to.get(g, 0) + n
     out = dict(total)
-    out["lost_to"] = lost_to
+    out["sent_to"] = sent_to
     for k, pick in _WHEN.items():  # wall-clock times: the earliest first, the latest last
         times = [r[k] for r in results if r.get(k) is not None]
         out[k] = pick(times) if times else None
@@ -175,22 +192,25 @@ class _Pace:
         self.sent[t] = float("inf")
 
 
-def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], out: Outbox, pace: _Pace) -> dict:
-    """One thread's share of a scan: info, data, done, on its own connection(s)."""
+def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], out: Outbox, pace: _Pace,
+            owed: dict[int, list]) -> dict:
+    """One thread's share of a scan: info, data, done, on its own connection(s).
+
+    `owed`: node group -> `done`s of earlier scans this thread gave up on it in; sent first
+    should it come back (it was frozen, not dead)."""
     plan, pipe = rt.plan, rt.pipe
     route, threads = plan.route, rt.spec.threads
     direct = plan.aggregator is None
     me = plan.producer_sender(rt.replica, t)
     n = len(ngs)
     gone: set[int] = set()  # node groups of the scan found gone: the rest of their share goes to the others
-    lost_to: dict[str, int] = {}
     planned = 0
     counts: collections.Counter = collections.Counter()
     for h in plugin.plan(sc, t, threads):
         planned += 1
         if direct:
             counts[ngs[int(h[route]) % n]] += 1
-    if rt.replica == 0 and t == 0:
+    if t == 0 and rt.kv.get(scans.key(sc.id), {}).get("announced_by") == rt.label:
         scans.update(rt.kv, sc.id, status="streaming")
     messages_sent = nbytes = lost = 0
     sent_to: collections.Counter = collections.Counter()
@@ -213,8 +233,12 @@ def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], o
                 log.warning("scan %d: %s; the rest of this thread's share is undeliverable", sc.id, exc)
             return False
 
+    told: set[int] = set()  # node groups our info reached
     for g in (ngs if direct else [0]):
-        deliver(g, messages.info(pipe, sc.id, me, ngs, sc.meta, expected=counts.get(g, 0) if direct else planned))
+        for done in owed.pop(g, ()) if direct else ():
+            deliver(g, done)
+        if deliver(g, messages.info(pipe, sc.id, me, ngs, sc.meta, expected=counts.get(g, 0) if direct else planned)):
+            told.add(g)
     for msg in plugin.messages(sc, t, threads):
         header = msg.header
         header["scan"], header["pipe"], header["sender"] = sc.id, pipe, me
@@ -235,7 +259,6 @@ def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], o
                 g = alive[key % len(alive)]
             if g is None:
                 lost += 1
-                lost_to["none alive"] = lost_to.get("none alive", 0) + 1
                 continue
             sent_to[g] += 1
         elif not deliver(0, frames):
@@ -252,21 +275,26 @@ def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], o
     pace.done(t)
     if direct:
         for g in ngs:
+            done = messages.done(pipe, sc.id, me, sent_to.get(g, 0), abandoned=g in gone)
             if g not in gone:
-                deliver(g, messages.done(pipe, sc.id, me, sent_to.get(g, 0)))
+                deliver(g, done)
+            elif g in told:  # should it come back (it froze), it learns we gave up on it for this scan
+                owed.setdefault(g, []).append(done)
     elif target_alive:
         deliver(0, messages.done(pipe, sc.id, me, messages_sent))
     return {"planned": planned, "messages": messages_sent, "bytes": nbytes, "undeliverable": lost,
             "first_sent": first_sent, "last_sent": time.time() if first_sent is not None else None,
-            "lost_to": lost_to}
+            "sent_to": {str(g): n for g, n in sent_to.items()}}
 
 
-def _send_end(rt: NodeRuntime, t: int, out: Outbox, direct: bool) -> None:
-    """This thread has no more scans: say so to every live replica it sends to."""
+def _send_end(rt: NodeRuntime, t: int, out: Outbox, direct: bool, owed: dict[int, list]) -> None:
+    """This thread has no more scans: say so to every live replica it sends to (after what it owes them)."""
     end = messages.end(rt.pipe, rt.plan.producer_sender(rt.replica, t))
     out.refresh()
     for g in (out.replicas() if direct else [0]):
         try:
+            for done in owed.pop(g, ()):
+                out.send(g, done)
             out.send(g, end)
         except PeerGone:
             pass
@@ -307,7 +335,7 @@ def _fallback(rt: NodeRuntime, plugins: list[Source], sc: Scan) -> dict:
 
     counts = _in_threads(rt, plugins, write)
     log.warning("scan %d: no node group registered; wrote %d messages to %s", sc.id, counts["messages"], directory)
-    if rt.replica == 0:  # the scan's first producer closes the scan once every thread's files are final
+    if (rt.kv.get(scans.key(sc.id)) or {}).get("announced_by") == rt.label:  # its announcer closes it
         want = rt.spec.replicas * rt.spec.threads
         try:
             parts = rt.kv.wait(lambda items: len(items) >= want, prefix=prefix, timeout=rt.resolve_timeout * 4)

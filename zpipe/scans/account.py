@@ -96,6 +96,18 @@ def merge_figures(into: dict[str, Any], figures: dict[str, Any]) -> None:
             into[k] = v
 
 
+def _handed_to(producers: dict[int, dict | None], aggregator: dict | None) -> dict[int, int]:
+    """Data messages handed to each node group: by the aggregator, or by the producers directly."""
+    out: dict[int, int] = {}
+    sources = [aggregator.get("forwarded")] if aggregator is not None else [
+        (f or {}).get("sent_to") for f in producers.values()]
+    for counts in sources:
+        for g, n in (counts or {}).items():
+            if str(g).isdigit() and isinstance(n, int):
+                out[int(g)] = out.get(int(g), 0) + n
+    return out
+
+
 def _add(into: dict[str, int], more: dict | None) -> None:
     for k, v in (more or {}).items():
         if isinstance(v, int):
@@ -168,16 +180,22 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
     sent_to_groups = 0
     complete = incomplete = duplicates = 0
     missing_parts: dict[str, list[int]] = {}
+    occurrences: dict[str, int] = {}  # incomplete item -> node groups that processed it
     seen = KeySet(tuple(keys) if keys else None)
     parts_per_item = None
     firsts, processed_at = [], []
+    handed = _handed_to(producers, aggregator)  # node group -> data messages sent to it
     for r in ngs:
         part = parts.get(r)
         label = (part or {}).get("label") or f"{(record.get('route') or {}).get('node_group', 'nodegroup')}[{r}]"
         if part is None:
             why = gone.get(label, "it never reported")
+            if handed.get(r, 1 if not keys else 0) == 0:
+                rep.setdefault("node_groups_idle", {})[label] = f"{why}; nothing of the scan was sent to it"
+                continue
             rep["node_groups_lost"][label] = why
-            reasons.append(f"{label} is missing from the account ({why}): its items are lost")
+            reasons.append(f"{label} is missing from the account ({why}): the {handed.get(r, '?'):,} messages "
+                           f"sent to it are lost" if r in handed else f"{label} is missing from the account ({why})")
             continue
         rep["node_groups"].append(label)
         received += int(part.get("received") or 0)
@@ -193,7 +211,11 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
             reasons.append(f"{label}: sender {s} {why}")
         complete += int(part.get("complete") or 0)
         incomplete += int(part.get("incomplete") or 0)
-        missing_parts.update(part.get("missing_parts") or {})
+        for key, lacking in (part.get("missing_parts") or {}).items():
+            # An item processed by two node groups (its parts split between them after a reroute)
+            # lacks only the parts neither had.
+            missing_parts[key] = sorted(set(missing_parts[key]) & set(lacking)) if key in missing_parts else lacking
+            occurrences[key] = occurrences.get(key, 0) + 1
         parts_per_item = parts_per_item or part.get("parts_per_item")
         if part.get("processed"):
             ks = KeySet.unpack(part["processed"])
@@ -239,6 +261,15 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
         reasons.append(f"{lost_transit:,} messages were lost in transit (queued to a peer that died or left)")
 
     # -- items -------------------------------------------------------------------------------------
+    split = [k for k, n in occurrences.items() if n > 1]  # parts split between node groups by a reroute
+    if split:
+        rep["split_items"] = sorted(int(k) for k in split)
+        incomplete -= sum(occurrences[k] - 1 for k in split)
+        duplicates -= len(split)
+        rep["incomplete"] = incomplete
+        reasons.append(f"{len(split):,} items had their parts split between node groups (each part processed, "
+                       f"never the whole item)")
+    missing_parts = {k: v for k, v in missing_parts.items() if v}
     rep["missing_parts"] = dict(sorted(missing_parts.items(), key=lambda kv: int(kv[0])))
     parts_missing = sum(len(v) for v in missing_parts.values())
     if keys:
@@ -253,7 +284,7 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
             reasons.append(f"{len(missing):,} of {count:,} items were never processed (lost before any part "
                            f"reached a node group that reported)")
         if duplicates:
-            reasons.append(f"{duplicates:,} items were processed by more than one node group")
+            reasons.append(f"{duplicates:,} whole items were processed by more than one node group")
         if parts_per_item:
             parts_missing += len(missing) * parts_per_item
             # Parts the sources never had: the scan's parts less those the producers planned to send.
@@ -302,8 +333,9 @@ def outcome(rep: dict, reasons: list[str], *, keys_known: bool, unknown_plan: bo
     failed = []
     if not any_part:
         failed.append("no node group of the scan reported: nothing is known of what arrived")
-    if unknown_plan:
-        failed.append("some source never said what it would send: the expected count is unknown")
+    if unknown_plan and not keys_known:
+        failed.append("some source never said what it would send, and the source gave no key range: "
+                      "what was lost cannot be named")
     if rep["expected"] == 0 and not rep["received"]:
         failed.append("the account is empty: nothing was expected and nothing arrived")
     if any(a.get("failed") for a in rep["analyses"].values()):

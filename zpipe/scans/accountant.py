@@ -71,14 +71,20 @@ class Accountant(threading.Thread):
                 scan = record.scan_of(k)
                 if scan is None or not isinstance(rec, dict) or rec.get("fallback") or not rec.get("node_groups"):
                     continue
-                inputs = self._inputs(scan, rec, items, flows)
-                if inputs is None and final is None:
-                    continue
-                if inputs is None:
-                    inputs = self._inputs(scan, rec, items, flows, force=final)
-                fingerprint = _fingerprint(inputs)
-                if self.closed.get(scan) == fingerprint:
-                    continue
+                try:
+                    inputs = self._inputs(scan, rec, items, flows)
+                    if inputs is None and final is None:
+                        continue
+                    if inputs is None:
+                        inputs = self._inputs(scan, rec, items, flows, force=final)
+                    fingerprint = _fingerprint(inputs)
+                    if self.closed.get(scan) == fingerprint:
+                        continue
+                except Exception as exc:  # a record of the wrong shape (written by anyone): that scan fails
+                    if self.closed.get(scan) == ("malformed",):
+                        continue
+                    log.warning("accountant: scan %d: its record or figures are malformed: %s", scan, exc)
+                    inputs, fingerprint = ({}, None, {}, {"record": f"malformed: {exc}"}, {}), ("malformed",)
                 self._close(scan, rec, inputs, fingerprint)
                 closed.append(scan)
         return closed

@@ -6,9 +6,11 @@ Four kinds travel on the data sockets, each a msgpack map (then, for data, the p
   of a scan; opens the scan for that sender. `node_groups` are the replicas the scan is split
   over; `meta` what the source says about the scan (its key range among others).
 * data    {pipe, scan, sender, ...source fields}: one part of an item.
-* `done`  {type, pipe, scan, sender, sent}: after a sender's last data of a scan; `sent` is how
-  many data messages it sent to this receiver. Messages on one connection arrive in order, so
-  a receiver that has a sender's `done` has everything that sender will ever send it for the scan.
+* `done`  {type, pipe, scan, sender, sent[, abandoned]}: after a sender's last data of a scan;
+  `sent` is how many data messages it sent to this receiver. Messages on one connection arrive
+  in order, so a receiver that has a sender's `done` has everything that sender will ever send
+  it for the scan. `abandoned`: the sender gave up on this receiver mid-scan (it looked gone,
+  e.g. frozen) and sent the rest elsewhere; it is sent if the receiver comes back.
 * `end`   {type, pipe, sender}: the sender has no more scans.
 
 `pipe` is the pipeline's identity (a random id the registry holds, see zpipe.runtime): a message
@@ -105,8 +107,12 @@ def info(pipe: str, scan: int, sender: str, ngs: list[int], scan_meta: dict, exp
     return [_pack(header)]
 
 
-def done(pipe: str, scan: int, sender: str, sent: int) -> list[bytes]:
-    return [_pack({"type": "done", "pipe": pipe, "scan": scan, "sender": sender, "sent": sent})]
+def done(pipe: str, scan: int, sender: str, sent: int, abandoned: bool = False) -> list[bytes]:
+    """`abandoned`: the sender gave up on this receiver mid-scan (it looked gone); the rest went elsewhere."""
+    header = {"type": "done", "pipe": pipe, "scan": scan, "sender": sender, "sent": sent}
+    if abandoned:
+        header["abandoned"] = True
+    return [_pack(header)]
 
 
 def end(pipe: str, sender: str) -> list[bytes]:

@@ -61,12 +61,12 @@ def update(kv: KVClient, scan: int, **fields) -> dict:
     return rec
 
 
-def wait_record(kv: KVClient, scan: int, timeout: float, stop=None) -> dict | None:
-    """The record, once the scan's first producer has announced it; None after `timeout` (or stop)."""
+def wait_record(kv: KVClient, scan: int, timeout: float, stop=None, pipe: str | None = None) -> dict | None:
+    """The record, once the scan's announcer has written it (for pipeline `pipe`); None after `timeout` (or stop)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         rec = kv.get(key(scan))
-        if isinstance(rec, dict) and isinstance(rec.get("node_groups"), list):
+        if isinstance(rec, dict) and isinstance(rec.get("node_groups"), list) and rec.get("pipe") in (None, pipe):
             return rec
         try:
             kv.wait(lambda items: key(scan) in items, prefix=key(scan), timeout=min(0.2, deadline - time.monotonic()))

@@ -30,6 +30,7 @@ from zpipe.scans.account import KeySet, merge_figures
 
 log = logging.getLogger("zpipe.nodegroup")
 PROGRESS_EVERY = 1.0  # s between the parts published while a scan is open
+STALLED = 1.0  # s between two turns of the control loop that mean this process itself was stopped
 WORKER_WAIT = 600.0  # s a closing scan waits for a worker still inside an analysis hook, at most
 
 
@@ -86,10 +87,16 @@ class NodeGroup:
         receiver = threading.Thread(target=guarded, args=(self.receiver.serve,), name="recv", daemon=True)
         for th in (*workers, receiver):
             th.start()
-        last_progress = 0.0
+        last_progress = previous = 0.0
         try:
             while not self.rt.stop.is_set():
                 now = time.monotonic()
+                if previous and now - previous > STALLED:
+                    # We were not running (SIGSTOP, a swapped-out host): nobody was quiet, we were.
+                    with self.receiver.lock:
+                        for st in self.receiver.scans.values():
+                            st.last = now
+                previous = now
                 self.check_scans(now)
                 if now - last_progress >= PROGRESS_EVERY:
                     last_progress = now
@@ -139,6 +146,9 @@ class NodeGroup:
             log.warning("%s: scan %d went quiet for %.1f s with %d messages in and senders %s not through; "
                         "closing it with what arrived", rt.label, st.id, self.spec.scan_timeout, st.received,
                         sorted(s for s in self.plan.ng_senders if (st.senders.get(s) or _NO).done is None))
+        for s, snd in st.senders.items():
+            if snd.abandoned:
+                left[s] = "gave up on this node group mid-scan (it looked gone) and sent the rest elsewhere"
         for s, why in left.items():
             log.warning("%s: scan %d: sender %s %s", rt.label, st.id, s, why)
         self.meter.state = "processing"
@@ -183,8 +193,8 @@ class NodeGroup:
             "label": rt.label, "replica": rt.replica, "final": False, "received": st.received, "bytes": st.bytes,
             "sent": sum(s.done or 0 for s in st.senders.values()), "rejected": sum(st.rejected.values()),
             "rejected_by": dict(st.rejected), "timed_out": timed_out, "senders_gone": dict(left),
-            "senders": {k: {"expected": s.expected, "sent": s.done, "accepted": s.accepted, "rejected": s.rejected}
-                        for k, s in st.senders.items()},
+            "senders": {k: {"expected": s.expected, "sent": s.done, "accepted": s.accepted, "rejected": s.rejected,
+                            "abandoned": s.abandoned} for k, s in st.senders.items()},
             "first_received": st.first_received, "parts_per_item": self.spec.assemble.parts,
             "flow": {"held": st.held, "overrides": st.overrides, "max_pending": st.max_pending},
             "complete": 0, "incomplete": 0, "missing_parts": {}, "analyses": {}, "updated": time.time(),

@@ -41,6 +41,7 @@ class Sender:
     done: int | None = None  # what its done says it sent us
     accepted: int = 0
     rejected: int = 0
+    abandoned: bool = False  # it gave up on us mid-scan (we looked gone) and sent the rest elsewhere
 
 
 @dataclass
@@ -251,6 +252,7 @@ class Receiver:
             if sent < snd.accepted:
                 raise Rejected("done counts fewer than arrived", f"scan {scan}: says {sent}, {snd.accepted} arrived")
             snd.done = sent
+            snd.abandoned = header.get("abandoned") is True
             st.last = time.monotonic()
 
     def end(self, sender: str) -> None:
