@@ -243,9 +243,9 @@ class Truth:
                 total += s
                 parts_in += 1
         fs = report["analyses"].get("framesum", {})
-        assert fs.get("sum") == total, f"framesum {fs.get('sum')} != {total}: a part was lost unnamed or counted twice"
+        assert fs.get("sum", 0) == total, f"framesum {fs.get('sum')} != {total}: a part was lost unnamed or counted twice"
         processed = self.n - len(missing_items)
-        assert fs.get("frames") == processed + len(report.get("split_items", [])), (fs.get("frames"), processed)
+        assert fs.get("frames", 0) == processed + len(report.get("split_items", [])), (fs.get("frames"), processed)
         assert report["received"] == parts_in, (report["received"], parts_in)
         assert report["lost_parts"] == sum(len(v) for v in missing_parts.values()) + 4 * len(missing_items)
         for i in range(self.n):  # a part the source never had is always named on its item

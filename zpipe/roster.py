@@ -17,6 +17,7 @@ import time
 PREFIX = "nodes/"
 TTL = 3.0
 GRACE = 3.0
+ENDED_GRACE = 30.0  # s a cleanly ended sender's last messages may take to be read off our queue
 
 
 def key(node: str, replica: int) -> str:
@@ -65,6 +66,25 @@ class Roster:
 
     def why(self, node: str, replica: int) -> str:
         return f"died or left: its liveness key has been gone for over {self.grace:g} s"
+
+    def departed(self, node: str, replica: int, pipe: str) -> str | None:
+        """For a receiver: why `node[replica]` will send nothing more, or None while it still may.
+
+        A sender that ended cleanly (its `flow/.../end` record, of this pipeline) sent its last
+        messages before it exited, and they may still wait in our queue behind others: it is
+        given ENDED_GRACE seconds more for its in-band `end` to be read before it counts as gone.
+        """
+        if not self.gone(node, replica):
+            return None
+        end = self.kv.get(f"flow/{node}/{int(replica)}/end")
+        if isinstance(end, dict) and end.get("done") and end.get("pipe") == pipe:
+            k = f"ended:{key(node, replica)}"
+            with self._lock:
+                since = self._absent.setdefault(k, time.monotonic())
+            if time.monotonic() - since < ENDED_GRACE:
+                return None
+            return f"ended, but its last messages never arrived within {ENDED_GRACE:g} s"
+        return self.why(node, replica)
 
     def close(self) -> None:
         self.kv.remove_on_change(self._on_change)

@@ -51,7 +51,7 @@ def run(rt: NodeRuntime, _make_plugin) -> dict:
             ch.pull.close(linger=0)
     out = {k: sum(ch.totals[k] for ch in channels) for k in ("messages", "bytes", "undeliverable", "rerouted")}
     out["rejected"] = rejects.count
-    flow.publish(rt.kv, rt.name, rt.replica, "end", done=True, **out)
+    flow.publish(rt.kv, rt.name, rt.replica, "end", done=True, pipe=rt.pipe, **out)
     return out
 
 
@@ -327,11 +327,12 @@ class _Relay:
         for ch in self.channels:
             if ch.finished:
                 continue
-            if self.rt.roster.gone(plan.producer, ch.c):
+            why = self.rt.roster.departed(plan.producer, ch.c, self.pipe)
+            if why:
                 newly = set(ch.origins) - ch.gone - ch.ended
                 if newly:
-                    log.warning("%s channel %d: %s[%d] is gone; its open scans close without it", self.rt.label,
-                                ch.c, plan.producer, ch.c)
+                    log.warning("%s channel %d: %s[%d] %s; its open scans close without it", self.rt.label,
+                                ch.c, plan.producer, ch.c, why)
                     ch.gone |= newly
                     for st in list(ch.scans.values()):
                         self.maybe_close(ch, st)

@@ -81,7 +81,7 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
             totals["scans"] += 1
             rt.meter.state = "idle"
         _in_threads(rt, plugins, lambda t, p: _send_end(rt, t, outbox(t), direct, owed[t]))
-        flow.publish(rt.kv, rt.name, rt.replica, "end", done=True)
+        flow.publish(rt.kv, rt.name, rt.replica, "end", done=True, pipe=rt.pipe)
     finally:
         for ob in outboxes.values():
             ob.close(linger_ms=30_000 if not rt.stop.is_set() else 0)

@@ -50,7 +50,7 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
         totals["messages"] += counts["messages"]
         totals["bytes"] += counts["bytes"]
         totals["scans"] += 1
-    flow.publish(rt.kv, rt.name, rt.replica, "end", done=True)
+    flow.publish(rt.kv, rt.name, rt.replica, "end", done=True, pipe=rt.pipe)
     return totals
 
 

@@ -160,7 +160,7 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
                     totals.setdefault(f"_{k}", 0)
                     totals[f"_{k}"] += v
         if not open_scans and flow.ended(rt.kv, ups):
-            flow.publish(rt.kv, rt.name, rt.replica, "end", done=True)
+            flow.publish(rt.kv, rt.name, rt.replica, "end", done=True, pipe=rt.pipe)
             return {k.lstrip("_"): v for k, v in totals.items()}
         if not got:
             poller.poll(20)

@@ -331,7 +331,7 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
 def outcome(rep: dict, reasons: list[str], *, keys_known: bool, unknown_plan: bool, any_part: bool):
     """(outcome, reasons): complete only when nothing is wrong; failed when the loss cannot be named."""
     failed = []
-    if not any_part:
+    if not any_part and (rep["sent"] or not keys_known):
         failed.append("no node group of the scan reported: nothing is known of what arrived")
     if unknown_plan and not keys_known:
         failed.append("some source never said what it would send, and the source gave no key range: "

@@ -131,8 +131,10 @@ class Receiver:
     def tick(self, now: float) -> None:
         """Notice upstream senders that are gone: they will send nothing more."""
         for s, (node, replica) in self.plan.sender_nodes.items():
-            if s not in self.ended and s not in self.gone and self.rt.roster.gone(node, replica):
-                self.gone[s] = self.rt.roster.why(node, replica)
+            if s not in self.ended and s not in self.gone:
+                why = self.rt.roster.departed(node, replica, self.pipe)
+                if why:
+                    self.gone[s] = why
         if all(s in self.ended or s in self.gone for s in self.plan.ng_senders):
             self.finished.set()
 
