@@ -86,3 +86,17 @@ def first_sent(kv: KVClient, scan: int) -> float | None:
     times = [rec["first_sent"] for key, rec in kv.items(PREFIX).items()
              if key.endswith(f"/{scan}") and isinstance(rec, dict) and rec.get("first_sent")]
     return min(times) if times else None
+
+
+def publish_scan(rt, scan: int, **record) -> dict:
+    """A producer's or aggregator's figures for one scan: into the registry, and onto its own disk
+    (zpipe.scans.record.write_part), so the scan's account can be made even if the registry is lost."""
+    from zpipe.scans.record import write_part
+
+    value = {**record, "pipe": rt.pipe, "label": rt.label, "updated": time.time()}
+    rt.kv.set(flow_key(rt.name, rt.replica, scan), value)
+    try:
+        write_part(rt.output_dir, scan, rt.label, value)
+    except OSError:
+        pass  # the registry's copy stands; a full disk is the node group's to report
+    return value

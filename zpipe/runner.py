@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from zpipe import view
 from zpipe.kv import KVClient, KVServer
@@ -83,6 +84,7 @@ class Runner:
         self.kv: KVClient | None = None
         self.pipe: str | None = None
         self.died: list[str] = []
+        self.seen_scans: dict[int, dict] = {}  # scan -> its record as last seen
         self._stop = threading.Event()
         self._print_lock = threading.Lock()
         self.display: view.Display | None = None  # the live view or plain progress lines (zpipe/view.py)
@@ -162,6 +164,9 @@ class Runner:
             registry = self._registry()
             self.kv = KVClient(registry, name="runner").start()
             self.pipe = self._pipeline()
+            self.kv.on_change(self._seen)
+            for k, v in self.kv.items("scans/").items():
+                self._seen(k, v)
             print(f"zpipe: {self.topology.name} on host {self.host}, registry at {registry}", file=self.err, flush=True)
             # In-process node groups (under MPI) log straight to stderr, which would tear a live view.
             self.display = view.for_runner(self.kv, self.topology, self.host, self.err, self._print_lock,
@@ -260,6 +265,12 @@ class Runner:
         if self.display is not None:
             self.display.stop()
 
+    def _seen(self, key: str, value) -> None:
+        """Every scan of this run we ever saw a record of: a registry that forgets one cannot make it vanish."""
+        scan = key[len("scans/"):] if key.startswith("scans/") else ""
+        if scan.isdigit() and isinstance(value, dict) and value.get("pipe") == self.pipe:
+            self.seen_scans[int(scan)] = value
+
     def _records(self) -> dict[int, dict]:
         records = {}
         for k, rec in self.kv.items("scans/").items():
@@ -283,6 +294,18 @@ class Runner:
                 if scan in records or rep.get("scan") == scan:
                     records[scan] = {**records.get(scan, {}), "summary": rep["summary"], "outcome": rep["outcome"],
                                      "report_file": rep.get("report_file")}
+        from zpipe.scans.accountant import scans_on_disk
+
+        for scan in {*self.seen_scans, *scans_on_disk(self.output_dir, self.pipe)}:
+            rec = records.get(scan, {})
+            if rec.get("fallback"):
+                continue
+            if not rec.get("summary") or (self.accountant is None and rec.get("outcome") != "complete"):
+                # No account in the registry, or one the registry may have made without parties it lost
+                # (an outage): the parties' own files here, when they hold the whole account, or no better.
+                mine = self._from_files(scan, {**self.seen_scans.get(scan, {}), **rec})
+                if not rec.get("summary") or mine.get("whole"):
+                    records[scan] = mine
         outcomes = []
         for scan in sorted(records):
             rec = records[scan]
@@ -294,9 +317,9 @@ class Runner:
             elif rec.get("summary"):
                 outcomes.append(rec.get("outcome", "failed"))
                 path = rec.get("report_file")
-                if not path and self.accountant is None:
+                if self.accountant is None and not rec.get("from_files"):
                     rep = self.kv.get(f"scans/{scan}/report")
-                    if isinstance(rep, dict):
+                    if isinstance(rep, dict):  # the registry's accountant wrote it elsewhere: a copy here too
                         from zpipe.scans.record import write_json
                         path = write_json(os.path.join(self.output_dir, f"scan_{scan}_report.json"), rep)
                 line = f"{rec['summary']}; report {path or '?'}"
@@ -306,6 +329,25 @@ class Runner:
                         f"(`zpipe kv` and `zpipe run` on the registry's host run one; `python -m zpipe.kv` is the bare store)")
             print(line, file=self.out, flush=True)
         return outcomes
+
+    def _from_files(self, scan: int, rec: dict) -> dict:
+        """No account in the registry (it was lost, or never closed): the one the parties kept on this
+        host's disk (zpipe.scans.accountant.from_files). It says so, and fails unless it is whole."""
+        from zpipe.scans import account
+        from zpipe.scans.accountant import from_files
+        from zpipe.scans.record import write_json
+
+        try:
+            rep = from_files(self.output_dir, scan, self.pipe)
+        except Exception as exc:  # files of the wrong shape: still a line, and a failed one
+            rep, error = None, f"; the files kept on this host do not add up: {exc}"
+        else:
+            error = "; nothing of it was kept on this host either"
+        if rep is None:
+            return {**rec, "outcome": "failed", "summary": f"scan {scan} failed: the registry holds no account of it{error}"}
+        path = write_json(os.path.join(self.output_dir, f"scan_{scan}_report.json"), rep)
+        return {**rec, "outcome": rep["outcome"], "report_file": path, "summary": account.summary_line(rep),
+                "from_files": True, "whole": not rep.get("missing_parties")}
 
     def summary(self, seconds: float) -> str:
         """One line: what each node on this host moved, and anything else it counted."""

@@ -306,7 +306,7 @@ class _Relay:
         """Publish the flow record of every scan that each channel has closed or will never see."""
         for scan, done in list(self.scan_channels.items()):
             if all(ch.c in done or ch.finished for ch in self.channels):
-                flow.publish(self.rt.kv, self.rt.name, self.rt.replica, scan, done=True, **self.scan_totals.pop(scan))
+                flow.publish_scan(self.rt, scan, done=True, **self.scan_totals.pop(scan))
                 del self.scan_channels[scan]
 
     def maybe_finish(self, ch: _Channel) -> None:

@@ -67,11 +67,11 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
                 counts = _fallback(rt, plugins, sc)
             else:
                 planned = _in_threads(rt, plugins, lambda t, p: {"planned": sum(1 for _ in p.plan(sc, t, spec.threads))})
-                flow.publish(rt.kv, rt.name, rt.replica, sc.id, done=False, planned=planned["planned"], sent=0,
+                flow.publish_scan(rt, sc.id, done=False, planned=planned["planned"], sent=0,
                               first_sent=None)
                 pace = _Pace(len(plugins))
                 counts = _in_threads(rt, plugins, lambda t, p: _stream(rt, p, sc, t, ngs, outbox(t), pace, owed[t]))
-            flow.publish(rt.kv, rt.name, rt.replica, sc.id, done=True, planned=counts.get("planned", 0),
+            flow.publish_scan(rt, sc.id, done=True, planned=counts.get("planned", 0),
                           sent=counts.get("messages", 0), undeliverable=counts.get("undeliverable", 0),
                           bytes=counts.get("bytes", 0), seconds=time.perf_counter() - t0, fallback=bool(rec) and not ngs,
                           first_sent=counts.get("first_sent"), last_sent=counts.get("last_sent"),
@@ -120,9 +120,14 @@ def _announce(rt: NodeRuntime, sc: Scan) -> dict | None:
         time.sleep(0.05)
     source = {"node": rt.name, "replicas": rt.spec.replicas, "threads": rt.spec.threads}
     route = {"aggregator": plan.aggregator, "node_group": plan.node_group}
-    return scans.update(rt.kv, sc.id, status="announced" if ngs else "fallback", node_groups=ngs,
-                        meta=sc.meta, source=source, route=route, producers=rt.spec.replicas,
-                        pipe=rt.pipe, announced_by=rt.label, started=time.time())
+    rec = scans.update(rt.kv, sc.id, status="announced" if ngs else "fallback", node_groups=ngs,
+                       meta=sc.meta, source=source, route=route, producers=rt.spec.replicas,
+                       pipe=rt.pipe, announced_by=rt.label, started=time.time())
+    try:
+        scans.write_part(rt.output_dir, sc.id, "record", rec)  # the account's starting point, kept on disk too
+    except OSError:
+        pass
+    return rec
 
 
 def _in_threads(rt: NodeRuntime, plugins, work) -> dict:

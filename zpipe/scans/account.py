@@ -157,7 +157,8 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
                     last_sent = val
     rep.update(expected=planned, sent=sent)
     if unknown_plan:
-        reasons.append(f"never said what they would send: {', '.join(unknown_plan)}")
+        reasons.append(f"no figures for the scan from {', '.join(unknown_plan)} reached the account"
+                       + "".join(f" ({label}: {gone[label]})" for label in unknown_plan if label in gone))
     if planned != sent:
         reasons.append(f"the sources sent {sent:,} of the {planned:,} messages they planned")
 
@@ -331,6 +332,8 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
 def outcome(rep: dict, reasons: list[str], *, keys_known: bool, unknown_plan: bool, any_part: bool):
     """(outcome, reasons): complete only when nothing is wrong; failed when the loss cannot be named."""
     failed = []
+    if rep["gone"].get("account"):
+        failed.append(f"the account is partial: {rep['gone']['account']}")
     if not any_part and (rep["sent"] or not keys_known):
         failed.append("no node group of the scan reported: nothing is known of what arrived")
     if unknown_plan and not keys_known:

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from zpipe.kv import KVClient
@@ -120,15 +121,25 @@ class Accountant(threading.Thread):
         if senders_finished:
             self._senders_done.setdefault(scan, now)
         parts: dict[int, dict] = {}
+        lost_parts: list[str] = []  # node groups that closed the scan but whose part is nowhere to be read
         for r in rec.get("node_groups") or []:
             if not isinstance(r, int):
                 continue
             part = items.get(record.part_key(scan, r))
             label = f"{ng_node}[{r}]"
+            if not (isinstance(part, dict) and part.get("final")) and self.output_dir:
+                kept = record.read_part(self.output_dir, scan, label)  # what it wrote on its disk (same host)
+                if kept and kept.get("final") and kept.get("pipe") == rec.get("pipe"):
+                    part = {**kept, "from_file": True}
             if isinstance(part, dict) and part.get("final"):
                 parts[r] = part
             elif self.roster.gone(ng_node, r):
-                gone[label] = self.roster.why(ng_node, r)
+                end = flows.get(f"flow/{ng_node}/{r}/end")
+                if isinstance(end, dict) and end.get("pipe") == rec.get("pipe") and scan in (end.get("scans") or ()):
+                    gone[label] = "ended cleanly after closing the scan, but its part of the account is lost"
+                    lost_parts.append(label)
+                else:
+                    gone[label] = self.roster.why(ng_node, r)
                 if isinstance(part, dict):
                     gone[label] += f" after accepting {part.get('received', 0):,} messages of the scan"
             elif part is None and senders_finished and now - self._senders_done[scan] > UNSEEN_GRACE:
@@ -146,6 +157,8 @@ class Accountant(threading.Thread):
                     gone.setdefault(f"{ng_node}[{r}]", force)
         outputs = {k.rsplit("/", 1)[1]: v for k, v in items.items()
                    if k.startswith(f"{record.PREFIX}{scan}/output/") and isinstance(v, dict)}
+        if lost_parts:
+            gone["account"] = f"the parts of {', '.join(lost_parts)} are lost (the registry restarted?)"
         return producers, agg_flow, parts, gone, outputs
 
     def _close(self, scan: int, rec: dict, inputs, fingerprint) -> None:
@@ -208,3 +221,53 @@ def _fingerprint(inputs) -> tuple:
     return (tuple((r, rev(f)) for r, f in sorted(producers.items())), rev(agg_flow),
             tuple((r, rev(p)) for r, p in sorted(parts.items())), tuple(sorted(gone.items())),
             tuple((n, rev(o)) for n, o in sorted(outputs.items())))
+
+
+def from_files(output_dir: str, scan: int, pipe: str) -> dict | None:
+    """The scan's account made from the files its parties kept in `output_dir` (zpipe.scans.record.write_part):
+    for when the registry lost it. Its outcome is failed unless every party's figures are there."""
+    rec = record.read_part(output_dir, scan, "record")
+    if not rec or rec.get("pipe") != pipe:
+        return None
+    source = rec.get("source") if isinstance(rec.get("source"), dict) else {}
+    route = rec.get("route") if isinstance(rec.get("route"), dict) else {}
+    pnode, agg, ng = source.get("node", "producer"), route.get("aggregator"), route.get("node_group", "nodegroup")
+    missing: list[str] = []
+
+    def read(label: str, final: str) -> dict | None:
+        value = record.read_part(output_dir, scan, label)
+        if not value or value.get("pipe") != pipe or not value.get(final):
+            missing.append(label)
+            return None
+        return value
+
+    producers = {r: read(f"{pnode}[{r}]", "done") for r in range(int(source.get("replicas") or 0))}
+    agg_flow = read(f"{agg}[0]", "done") if agg else None
+    parts = {r: p for r in rec.get("node_groups") or [] if (p := read(f"{ng}[{r}]", "final")) is not None}
+    outputs = {}
+    for path in (Path(output_dir) / record.PARTS_DIR).glob(f"scan_{scan}.output.*.msgpack"):
+        name = path.name[len(f"scan_{scan}.output."):-len(".msgpack")]
+        value = record.read_part(output_dir, scan, f"output.{name}")
+        if value:
+            outputs[name] = value
+    gone = {label: "its figures are not on this host" for label in missing}
+    rep = account.total(scan, rec, producers, agg_flow, parts, gone, outputs)
+    note = "the registry lost the scan's account; this one is made from the parties' own files"
+    if missing:
+        rep["outcome"], rep["ok"] = "failed", False
+        rep["reasons"] = [f"{note}, and those of {', '.join(missing)} are not on this host", *rep["reasons"]]
+    else:
+        rep["reasons"] = [*rep["reasons"], note]
+    rep["from_files"] = output_dir
+    rep["missing_parties"] = missing
+    return rep
+
+
+def scans_on_disk(output_dir: str, pipe: str) -> list[int]:
+    """Scans of pipeline `pipe` whose record was kept in `output_dir`."""
+    found = []
+    for path in (Path(output_dir) / record.PARTS_DIR).glob("scan_*.record.msgpack"):
+        scan = path.name[len("scan_"):-len(".record.msgpack")]
+        if scan.isdigit() and (rec := record.read_part(output_dir, int(scan), "record")) and rec.get("pipe") == pipe:
+            found.append(int(scan))
+    return sorted(found)

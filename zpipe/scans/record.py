@@ -15,6 +15,8 @@ import json
 import os
 import time
 
+import msgpack
+
 from zpipe.kv import KVClient
 
 PREFIX = "scans/"
@@ -82,3 +84,31 @@ def write_json(path: str, data: dict) -> str:
         json.dump(data, f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
     return path
+
+
+PARTS_DIR = "parts"
+
+
+def part_file(output_dir: str, scan: int, label: str) -> str:
+    """Where a node group keeps its part of a scan's account on its own disk, beside the registry's copy."""
+    return os.path.join(output_dir, PARTS_DIR, f"scan_{scan}.{label}.msgpack")
+
+
+def write_part(output_dir: str, scan: int, label: str, part: dict) -> None:
+    """Atomically (msgpack: the processed-items bitmap is bytes)."""
+    path = part_file(output_dir, scan, label)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.partial"
+    with open(tmp, "wb") as f:
+        f.write(msgpack.packb(part, use_bin_type=True))
+    os.replace(tmp, path)
+
+
+def read_part(output_dir: str, scan: int, label: str) -> dict | None:
+    """A node group's part as it last wrote it, or None (no file, or one that does not decode)."""
+    try:
+        with open(part_file(output_dir, scan, label), "rb") as f:
+            part = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+    except (OSError, ValueError, msgpack.UnpackException):
+        return None
+    return part if isinstance(part, dict) else None

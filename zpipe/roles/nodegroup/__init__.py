@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+from zpipe import flow
 from zpipe.gather import MpiGather, ZmqGather
 from zpipe.plugin import Scan
 from zpipe.roles.nodegroup.receive import READY_MAX, Lane, Receiver, ScanState
@@ -53,7 +54,9 @@ class NodeGroup:
         self._results: dict[int, dict[int, dict]] = {}  # scan -> worker -> its share
         self._results_cond = threading.Condition()
         self.finals: dict[int, dict] = {}  # closed scan -> our final part (republished with late messages)
+        self._persist_failed = False
         self.closed_count = 0
+        self.closed_scans: list[int] = []
         self.bytes = 0
         self.gather = None
         if any(a.writes for a in self.analyses):
@@ -107,6 +110,10 @@ class NodeGroup:
                     break
                 time.sleep(0.02)
             self.publish_progress()  # late messages of closed scans reach the account
+            # We leave cleanly: every scan we closed has its part published (the accountant can tell
+            # "died with its results" from "its part was lost with the registry").
+            flow.publish(self.rt.kv, self.rt.name, self.rt.replica, "end", done=True, pipe=self.rt.pipe,
+                         scans=sorted(self.closed_scans[-1000:]))
         finally:
             self.stopping = True
             for lane in self.lanes:
@@ -169,6 +176,7 @@ class NodeGroup:
         while len(self.finals) > 64:
             self.finals.pop(next(iter(self.finals)))
         self.closed_count += 1
+        self.closed_scans.append(st.id)
         self.bytes += st.bytes
         self.meter.scans[st.id] = {"received": st.received, "expected": part["sent"], "done": True}
         self._meta.pop(st.id, None)
@@ -258,13 +266,29 @@ class NodeGroup:
                 self.meter.errors += 1
                 out["error"] = f"{exc.__class__.__name__}: {exc}"[:500]
             out["updated"] = time.time()
+            out["pipe"] = rt.pipe
             rt.kv.set(record.output_key(st.id, a.name), out)
+            try:
+                record.write_part(rt.output_dir, st.id, f"output.{a.name}", out)
+            except OSError:
+                pass
 
     # -- publishing ----------------------------------------------------------------------------------------
     def publish_part(self, scan: int, part: dict) -> None:
+        """Into the registry, and onto our own disk: the part outlives this process and the registry both."""
         part["revision"] = part.get("revision", 0) + 1
         part["updated"] = time.time()
+        part.setdefault("pipe", self.rt.pipe)
         self.rt.kv.set(record.part_key(scan, self.rt.replica), part)
+        self._persist(scan, part)
+
+    def _persist(self, scan: int, part: dict) -> None:
+        try:
+            record.write_part(self.rt.output_dir, scan, self.rt.label, part)
+        except OSError as exc:
+            if not self._persist_failed:
+                self._persist_failed = True
+                log.error("%s: cannot keep scan parts in %s: %s", self.rt.label, self.rt.output_dir, exc)
 
     def publish_progress(self) -> None:
         """Open scans' running counts, and closed scans that turned away late messages since."""
@@ -273,9 +297,11 @@ class NodeGroup:
             open_scans = list(rcv.scans.values())
             late = {s: dict(v) for s, v in rcv.closed.items() if v}
         for st in open_scans:
-            self.rt.kv.set(record.part_key(st.id, self.rt.replica), {
-                "label": self.rt.label, "replica": self.rt.replica, "final": False, "received": st.received,
-                "bytes": st.bytes, "rejected": sum(st.rejected.values()), "updated": time.time()})
+            progress = {"label": self.rt.label, "replica": self.rt.replica, "final": False, "received": st.received,
+                        "bytes": st.bytes, "rejected": sum(st.rejected.values()), "updated": time.time(),
+                        "pipe": self.rt.pipe}
+            self.rt.kv.set(record.part_key(st.id, self.rt.replica), progress)
+            self._persist(st.id, progress)
         for scan, counts in late.items():
             part = self.finals.get(scan)
             if part is not None and part.get("late") != counts:
