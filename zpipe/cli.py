@@ -7,18 +7,30 @@ import sys
 
 
 def cmd_validate(args) -> int:
-    from zpipe.topology.load import check_file
+    """Check each file; every problem is one line, FILE:LINE:COL: path: message, never a traceback."""
+    from zpipe.topology.errors import Problem
+    from zpipe.topology.load import check_file, printable
+
+    def say(stream, line: str) -> None:
+        enc = getattr(stream, "encoding", None) or "utf-8"
+        stream.write(line.encode(enc, "backslashreplace").decode(enc, "replace") + "\n")
+        stream.flush()
 
     bad = 0
     for path in args.files:
-        _, problems = check_file(path)
+        shown = printable(path)
+        try:
+            _, problems = check_file(path)
+        except (Exception, RecursionError) as exc:  # a bug of ours, not of the file: still one positioned line
+            problems = [Problem(shown, 1, 1, "", printable(f"internal error while validating "
+                                                           f"({type(exc).__name__}: {exc}); please report it"))]
         for p in problems:
-            print(p, file=sys.stderr)
+            say(sys.stderr, str(p))
         if problems:
             bad += 1
-            print(f"{path}: {len(problems)} problem{'s' * (len(problems) != 1)}", file=sys.stderr)
+            say(sys.stderr, f"{shown}: {len(problems)} problem{'s' * (len(problems) != 1)}")
         elif not args.quiet:
-            print(f"{path}: ok")
+            say(sys.stdout, f"{shown}: ok")
     return 1 if bad else 0
 
 

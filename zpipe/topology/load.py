@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import os
+import re
+
 from pydantic import BaseModel, ValidationError
 
 from zpipe.topology.errors import Problem, TopologyError
-from zpipe.topology.model import AnalysisSpec, AssembleSpec, HostSpec, NodeSpec, RegistrySpec, SocketSpec, Topology
-from zpipe.topology.yamlpos import Parsed, Path, YAMLSyntaxError, parse
+from zpipe.topology.model import (NAME, NAME_MAX, NAME_RULE, AnalysisSpec, AssembleSpec, HostSpec, NodeSpec,
+                                  RegistrySpec, SocketSpec, Topology, short)
+from zpipe.topology.yamlpos import Parsed, Path, YAMLSyntaxError, line_col, parse
+
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
+MAX_BYTES = 1 << 20  # a topology is a few kB; anything near this is not one
+
+_PLAIN = re.compile(r"[A-Za-z0-9_@-]+")
+
+
+def _segment(part) -> str:
+    """One part of a dotted path as printed: a plain name as is, anything else quoted."""
+    text = str(part)
+    return text if isinstance(part, int) or _PLAIN.fullmatch(text) else short(text, 40)
+
+
+def printable(text: str) -> str:
+    """`text` on one line, control characters and lone surrogates escaped (problems are printed)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
 
 
 class Report:
@@ -19,14 +41,19 @@ class Report:
     def add(self, path: Path, message: str, *, at_key: bool = False) -> None:
         pos = self.parsed.positions if self.parsed else None
         line, col = (pos.of_key(path) if at_key else pos.of(path)) if pos else (1, 1)
-        dotted = ".".join(str(p) for p in path)
-        self.problems.append(Problem(self.file, line, col, dotted, message))
+        self.at(line, col, path, message)
+
+    def at(self, line: int, col: int, path: Path, message: str) -> None:
+        dotted = printable(".".join(_segment(p) for p in path))
+        self.problems.append(Problem(self.file, line, col, dotted, printable(message)))
 
     def pydantic(self, base: Path, err: ValidationError, model: type[BaseModel]) -> None:
         for e in err.errors():
             loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             path = (*base, *loc)
-            if e["type"] == "extra_forbidden":
+            if loc and loc[-1] == "[key]":  # a dict key (a host or socket name) failed its pattern
+                self.add(path[:-1], _bad_name(path[-2], e), at_key=True)
+            elif e["type"] == "extra_forbidden":
                 allowed = _fields_at(model, loc[:-1])
                 hint = f"; expected one of: {', '.join(allowed)}" if allowed else ""
                 self.add(path, f"unknown key {loc[-1]!r}{hint}", at_key=True)
@@ -35,6 +62,14 @@ class Report:
             else:
                 msg = e["msg"].removeprefix("Value error, ")
                 self.add(path, msg)
+
+
+def _bad_name(name, e: dict) -> str:
+    if e["type"] == "string_too_long":
+        return f"name {short(name)} is longer than {NAME_MAX} characters"
+    if e["type"] == "string_pattern_mismatch":
+        return f"name {short(name)} is not a name: {NAME_RULE}"
+    return f"name {short(name)}: {e['msg']}"
 
 
 def _fields_at(model: type[BaseModel], loc: Path) -> list[str]:
@@ -77,26 +112,65 @@ def _salvage(raw, err: ValidationError) -> NodeSpec | None:
         return None
 
 
-def check_file(path: str | os.PathLike) -> tuple[Topology | None, list[Problem]]:
-    """Parse and validate; returns the topology (None if anything is wrong) and all problems."""
+def _check_integers(report: Report, data) -> None:
+    """Every integer must fit in 64 bits: values travel in msgpack (registry records, scan metadata).
+
+    Said only where nothing else was (a `replicas` out of range has said so already)."""
+    reported = {p.path for p in report.problems}
+    todo = [((), data)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend(((*path, k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend(((*path, i), v) for i, v in enumerate(value))
+        elif (isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX
+              and printable(".".join(_segment(p) for p in path)) not in reported):
+            digits = len(str(abs(value)))
+            report.add(path, f"an integer of {digits} digits does not fit in 64 bits ({INT_MIN:,} to {INT_MAX:,}), "
+                             f"which zpipe's messages carry")
+
+
+TOO_BIG = f"the file is larger than {MAX_BYTES:,} bytes (1 MB), the most a topology may be"
+
+
+def check_file(path: str | os.PathLike, *, output_dir: str | None = None) -> tuple[Topology | None, list[Problem]]:
+    """Parse and validate; returns the topology (None if anything is wrong) and all problems.
+
+    Never raises for what the file holds: every problem comes back positioned, FILE:LINE:COL.
+    """
     file = os.fspath(path)
+    shown = printable(file if isinstance(file, str) else os.fsdecode(file))
     try:
-        with open(file, encoding="utf-8") as f:
-            text = f.read()
+        with open(file, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except OSError as exc:
-        return None, [Problem(file, 1, 1, "", f"cannot read topology: {exc.strerror or exc}")]
-    return check_text(text, file)
+        return None, [Problem(shown, 1, 1, "", printable(f"cannot read topology: {exc.strerror or exc}"))]
+    if len(raw) > MAX_BYTES:
+        return None, [Problem(shown, 1, 1, "", TOO_BIG)]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        prefix = raw[:exc.start].decode("utf-8", "replace")
+        line, col = line_col(prefix, len(prefix))
+        return None, [Problem(shown, line, col, "", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} ({exc.reason})")]
+    return check_text(text, shown, output_dir=output_dir)
 
 
-def check_text(text: str, file: str = "<topology>") -> tuple[Topology | None, list[Problem]]:
+def check_text(text: str, file: str = "<topology>", *, output_dir: str | None = None
+               ) -> tuple[Topology | None, list[Problem]]:
+    """Validate a topology's text. `output_dir`, if known, makes the ipc path check exact."""
+    if len(text) > MAX_BYTES:
+        return None, [Problem(file, 1, 1, "", TOO_BIG)]
     try:
         parsed = parse(text)
     except YAMLSyntaxError as exc:
-        return None, [Problem(file, exc.line, exc.column, "", exc.message)]
+        return None, [Problem(file, exc.line, exc.column, "", printable(exc.message))]
     report = Report(file, parsed)
     for path, here, first in parsed.duplicates:
-        report.problems.append(Problem(file, *here, ".".join(map(str, path)),
-                                       f"duplicate key {path[-1]!r} (first defined at line {first[0]})"))
+        report.at(*here, path, f"duplicate key {short(path[-1])} (first defined at line {first[0]})")
+    for path, here, message in parsed.problems:
+        report.at(*here, path, message)
     data = parsed.data
     if not isinstance(data, dict):
         report.add((), "a topology is a mapping with at least `name` and `nodes`")
@@ -113,9 +187,13 @@ def check_text(text: str, file: str = "<topology>") -> tuple[Topology | None, li
         report.pydantic((), err, Topology)
     nodes: dict[str, NodeSpec] = {}
     if isinstance(raw_nodes, dict):
-        if not raw_nodes:
+        if not raw_nodes and not any(path == ("nodes",) for path, _, _ in parsed.problems):
             report.add(("nodes",), "a topology needs at least one node")
         for name, raw in raw_nodes.items():
+            if len(name) > NAME_MAX:
+                report.add(("nodes", name), f"node name {short(name)} is longer than {NAME_MAX} characters", at_key=True)
+            elif not re.fullmatch(NAME.strip("^$"), name):
+                report.add(("nodes", name), f"node name {short(name)} is not a name: {NAME_RULE}", at_key=True)
             try:
                 nodes[name] = NodeSpec.model_validate(raw)
             except ValidationError as err:
@@ -125,7 +203,8 @@ def check_text(text: str, file: str = "<topology>") -> tuple[Topology | None, li
                     nodes[name] = salvaged
     from zpipe.topology.graph import check_graph  # imports the plugin catalog; keep parse-only paths light
 
-    check_graph(report, top, nodes, set(raw_nodes) if isinstance(raw_nodes, dict) else set())
+    check_graph(report, top, nodes, set(raw_nodes) if isinstance(raw_nodes, dict) else set(), output_dir=output_dir)
+    _check_integers(report, data)
     if report.problems or top is None:
         return None, sorted(report.problems)
     return top.model_copy(update={"nodes": nodes}), []
