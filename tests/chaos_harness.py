@@ -52,6 +52,13 @@ def chaos_topology(tmp: Path, *, base: str = "4dcamera-local.yaml", side: int = 
     return path
 
 
+def params_of(topology: Path) -> dict:
+    """The producers' source parameters, straight from the YAML (the plugins of a test may not be importable here)."""
+    from ruamel.yaml import YAML
+
+    return dict(YAML(typ="safe").load(Path(topology).read_text())["nodes"]["producer"]["params"])
+
+
 @dataclass
 class Run:
     """`zpipe run` in a subprocess (its own session), watched through its registry."""

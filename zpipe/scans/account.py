@@ -310,6 +310,8 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
                 rep.setdefault("outputs_partial", {})[name] = lacking
         elif out and out.get("error"):
             reasons.append(f"analysis {name!r}: its output could not be written: {out['error']}")
+            rep["analyses"].setdefault(name, {}).setdefault("failed", []).append(
+                {"hook": "write", "scan": scan, "error": out["error"], "node_group": f"writer {out.get('writer')}"})
         elif out is None or not out.get("empty"):
             reasons.append(f"analysis {name!r}: no output was written")
 
