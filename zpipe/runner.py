@@ -298,7 +298,7 @@ class Runner:
 
         for scan in {*self.seen_scans, *scans_on_disk(self.output_dir, self.pipe)}:
             rec = records.get(scan, {})
-            if rec.get("fallback"):
+            if rec.get("fallback") or (self.seen_scans.get(scan) or {}).get("fallback"):
                 continue
             if not rec.get("summary") or (self.accountant is None and rec.get("outcome") != "complete"):
                 # No account in the registry, or one the registry may have made without parties it lost
@@ -314,6 +314,8 @@ class Runner:
                 outcomes.append(rec.get("outcome", "complete"))
                 line = (f"scan {scan}: no node group; written to disk as {fb.get('files', '?')} files in "
                         f"{fb.get('directory')} (manifest {fb.get('manifest', '?')})")
+                if rec.get("report_file"):
+                    line += f"; report {rec['report_file']}"
             elif rec.get("summary"):
                 outcomes.append(rec.get("outcome", "failed"))
                 path = rec.get("report_file")

@@ -273,6 +273,7 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
     missing_parts = {k: v for k, v in missing_parts.items() if v}
     rep["missing_parts"] = dict(sorted(missing_parts.items(), key=lambda kv: int(kv[0])))
     parts_missing = sum(len(v) for v in missing_parts.values())
+    parts_per_item = parts_per_item or meta.get("parts_per_item")  # from the source, if no node group said
     if keys:
         first, count = keys
         missing = np.flatnonzero(~seen.bits) + first
@@ -336,7 +337,7 @@ def outcome(rep: dict, reasons: list[str], *, keys_known: bool, unknown_plan: bo
     failed = []
     if rep["gone"].get("account"):
         failed.append(f"the account is partial: {rep['gone']['account']}")
-    if not any_part and (rep["sent"] or not keys_known):
+    if not any_part and not keys_known:
         failed.append("no node group of the scan reported: nothing is known of what arrived")
     if unknown_plan and not keys_known:
         failed.append("some source never said what it would send, and the source gave no key range: "
@@ -387,3 +388,23 @@ def summary_line(rep: dict) -> str:
 
 def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def on_disk(scan: int, record: dict, producers: dict[int, dict | None]) -> dict[str, Any]:
+    """The account of a scan that went to disk (no node group was there): what each producer wrote."""
+    fb = record.get("fallback") if isinstance(record.get("fallback"), dict) else {}
+    planned = sum(int((f or {}).get("planned") or 0) for f in producers.values())
+    written = sum(int((f or {}).get("sent") or 0) for f in producers.values())
+    reasons = []
+    missing = [r for r, f in producers.items() if not (f and f.get("done"))]
+    if missing:
+        reasons.append(f"producers {missing} never said their files were final")
+    if fb.get("threads") is not None and fb.get("of") is not None and fb["threads"] < fb["of"]:
+        reasons.append(f"only {fb['threads']} of {fb['of']} producer threads closed their files")
+    outcome = "complete" if not reasons and written == planned else "incomplete"
+    return {"scan": scan, "outcome": outcome, "ok": outcome == "complete", "reasons": reasons,
+            "expected": planned, "written": written, "received": 0, "complete": 0, "incomplete": 0,
+            "on_disk": fb, "node_groups": [], "analyses": {}, "missing_parts": {}, "missing_items": [],
+            "lost_parts": 0, "summary": f"scan {scan}: no node group; {written:,} of {planned:,} messages written "
+                                        f"to disk as {fb.get('files', '?')} files in {fb.get('directory')} "
+                                        f"(manifest {fb.get('manifest', '?')})"}

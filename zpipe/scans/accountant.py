@@ -70,7 +70,13 @@ class Accountant(threading.Thread):
             flows = self.kv.items("flow/")
             for k, rec in items.items():
                 scan = record.scan_of(k)
-                if scan is None or not isinstance(rec, dict) or rec.get("fallback") or not rec.get("node_groups"):
+                if scan is None or not isinstance(rec, dict):
+                    continue
+                if rec.get("fallback"):
+                    if rec.get("status") == "done" and scan not in self.closed:
+                        self._close_on_disk(scan, rec, flows)
+                    continue
+                if not rec.get("node_groups"):
                     continue
                 try:
                     inputs = self._inputs(scan, rec, items, flows)
@@ -193,6 +199,21 @@ class Accountant(threading.Thread):
         self.closed[scan] = fingerprint
         self.reports[scan] = {**rep, "summary": summary}
         log.info("%s", summary)
+
+    def _close_on_disk(self, scan: int, rec: dict, flows: dict) -> None:
+        source = rec.get("source") if isinstance(rec.get("source"), dict) else {}
+        pnode = source.get("node", "producer")
+        producers = {r: flows.get(f"flow/{pnode}/{r}/{scan}") for r in range(int(source.get("replicas") or 0))}
+        rep = account.on_disk(scan, rec, {r: f if isinstance(f, dict) else None for r, f in producers.items()})
+        rep["revision"], rep["written_at"] = 1, time.time()
+        path = None
+        if self.output_dir:
+            path = record.write_json(os.path.join(self.output_dir, f"scan_{scan}_report.json"), rep)
+        rep["report_file"] = path
+        self.kv.set(record.report_key(scan), rep)
+        record.update(self.kv, scan, outcome=rep["outcome"], ok=rep["ok"], report_file=path)
+        self.closed[scan] = ("on disk",)
+        self.reports[scan] = rep
 
     def finish(self, why: str, timeout: float = 0.0) -> None:
         """The run ends: close what is still open with what is known (those scans fail), then flush."""

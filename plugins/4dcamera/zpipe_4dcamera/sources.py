@@ -68,7 +68,8 @@ class CameraSource(Source):
         n = p.scan_shape[0] * p.scan_shape[1]
         for i in range(p.scans):
             yield Scan(p.first_scan + i, {"scan_shape": list(p.scan_shape), "keys": [p.first_frame, n],
-                                          "frames": n, "sectors": SECTORS, "seed": p.seed + p.first_scan + i})
+                                          "frames": n, "sectors": SECTORS, "parts_per_item": SECTORS,
+                                          "seed": p.seed + p.first_scan + i})
 
     def _frames(self, scan: Scan, thread: int, threads: int) -> range:
         return range(thread, self.camera(scan).n_frames, threads)
