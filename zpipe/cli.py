@@ -37,7 +37,7 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from zpipe.topology.load import check_file
 
-    topo, problems = check_file(args.topology)
+    topo, problems = check_file(args.topology, output_dir=args.output_dir)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)

@@ -46,15 +46,20 @@ def publish(kv: KVClient, node: str, replica: int, scan: int | str, **record) ->
     kv.set(flow_key(node, replica, scan), {**record, "updated": time.time()})
 
 
-def expected(kv: KVClient, ups: list[Upstream], scan: int) -> int | None:
-    """Messages sent to us for `scan` by all upstream replicas, or None while any is still sending."""
+def expected(kv: KVClient, ups: list[Upstream], scan: int, departed=None) -> int | None:
+    """Messages sent to us for `scan` by all upstream replicas, or None while any is still sending.
+
+    `departed(node, replica)` (a reason, or None) lets a replica that died or left count as done,
+    with what it last said it sent."""
     total = 0
     for up in ups:
         for r in range(up.replicas):
             rec = kv.get(flow_key(up.node, r, scan))
-            if not rec or not rec.get("done"):
+            rec = rec if isinstance(rec, dict) else {}
+            if not rec.get("done") and not (departed and departed(up.node, r)):
                 return None
-            total += rec.get("sent", {}).get(up.socket, 0)
+            sent = rec.get("sent") if isinstance(rec.get("sent"), dict) else {}
+            total += int(sent.get(up.socket, 0) or 0)
     return total
 
 
@@ -66,9 +71,10 @@ def received(kv: KVClient, node: str, replicas: int, scan: int) -> int:
     return total
 
 
-def ended(kv: KVClient, ups: list[Upstream]) -> bool:
-    """True once every upstream replica has said it has no more scans."""
-    return all((kv.get(flow_key(u.node, r, "end")) or {}).get("done") for u in ups for r in range(u.replicas))
+def ended(kv: KVClient, ups: list[Upstream], departed=None) -> bool:
+    """True once every upstream replica has said it has no more scans (or, with `departed`, is gone)."""
+    return all((kv.get(flow_key(u.node, r, "end")) or {}).get("done") or (departed and departed(u.node, r))
+               for u in ups for r in range(u.replicas))
 
 
 def scans_announced(kv: KVClient, ups: list[Upstream]) -> set[int]:
@@ -79,13 +85,6 @@ def scans_announced(kv: KVClient, ups: list[Upstream]) -> set[int]:
             if last.isdigit():
                 ids.add(int(last))
     return ids
-
-
-def first_sent(kv: KVClient, scan: int) -> float | None:
-    """When the scan's first message left any sender (wall clock), from the senders' records."""
-    times = [rec["first_sent"] for key, rec in kv.items(PREFIX).items()
-             if key.endswith(f"/{scan}") and isinstance(rec, dict) and rec.get("first_sent")]
-    return min(times) if times else None
 
 
 def publish_scan(rt, scan: int, **record) -> dict:

@@ -161,8 +161,14 @@ class Runner:
         t0 = time.monotonic()
         try:
             os.makedirs(self.output_dir, exist_ok=True)
-            registry = self._registry()
-            self.kv = KVClient(registry, name="runner").start()
+            try:
+                registry = self._registry()
+            except Exception as exc:  # an address not on this machine, a port taken: one line, not a traceback
+                raise RunError(f"cannot start the registry on host {self.host!r}: {exc}") from None
+            try:
+                self.kv = KVClient(registry, name="runner").start()
+            except (TimeoutError, RuntimeError) as exc:
+                raise RunError(f"the registry at {registry} does not answer: {exc}") from None
             self.pipe = self._pipeline()
             self.kv.on_change(self._seen)
             for k, v in self.kv.items("scans/").items():

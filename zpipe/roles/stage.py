@@ -21,6 +21,7 @@ from zpipe.transport.outbox import PeerGone
 log = logging.getLogger("zpipe.stage")
 BATCH = 64
 PUBLISH_EVERY = 0.1  # seconds between counter updates in the key-value store
+QUIET = 10.0  # seconds of silence after which a scan whose counts never add up is finished with what arrived
 
 
 class _ScanState:
@@ -29,6 +30,7 @@ class _ScanState:
         self.received = self.bytes = 0
         self.sent: dict[str, int] = {}
         self.t0 = time.perf_counter()
+        self.last = time.monotonic()  # when a message of it last arrived
 
 
 def run(rt: NodeRuntime, make_plugin) -> dict:
@@ -53,6 +55,9 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
     downs = {n: [(node, r) for node, _ in peers(rt.topology, rt.name, n)
                  for r in range(rt.topology.nodes[node].replicas)] for n in out_names}
     last_publish = 0.0
+
+    def departed(node: str, replica: int) -> str | None:
+        return rt.roster.departed(node, replica, rt.pipe)
 
     def state_for(scan_id: int) -> _ScanState:
         st = open_scans.get(scan_id)
@@ -120,6 +125,7 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
                 got += 1
         for scan_id, msgs in batches.items():
             st = state_for(scan_id)
+            st.last = time.monotonic()
             for i in range(0, len(msgs), BATCH):
                 chunk = msgs[i:i + BATCH]
                 emit(st, plugin.process(chunk))
@@ -139,10 +145,14 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
         for scan_id in flow.scans_announced(rt.kv, ups) - finished:
             state_for(scan_id)
         for scan_id, st in sorted(open_scans.items()):
-            want = flow.expected(rt.kv, ups, scan_id)
+            want = flow.expected(rt.kv, ups, scan_id, departed)
             have = st.received if fanout else flow.received(rt.kv, rt.name, rt.spec.replicas, scan_id)
-            if want is None or have < want:
+            quiet = time.monotonic() - st.last > QUIET
+            if (want is None or have < want) and not quiet:
                 continue
+            if want is None or have < want:  # a sender died mid-scan, or messages were lost: say so
+                log.warning("%s: scan %d: %d of %s messages after %.0f s of silence; finishing it with what arrived",
+                            rt.label, scan_id, have, want if want is not None else "?", QUIET)
             result = plugin.finish(st.scan) or {}
             seconds = time.perf_counter() - st.t0
             rt.kv.set(rt.key("results", scan_id), {**result, "received": st.received, "bytes": st.bytes,
@@ -159,7 +169,7 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
                 if isinstance(v, int) and not isinstance(v, bool) and k not in totals:
                     totals.setdefault(f"_{k}", 0)
                     totals[f"_{k}"] += v
-        if not open_scans and flow.ended(rt.kv, ups):
+        if not open_scans and flow.ended(rt.kv, ups, departed):
             flow.publish(rt.kv, rt.name, rt.replica, "end", done=True, pipe=rt.pipe)
             return {k.lstrip("_"): v for k, v in totals.items()}
         if not got:
