@@ -261,8 +261,12 @@ class Runner:
     def _progress(self) -> tuple:
         """What moves while a pipeline works: replicas ending, scans closing, messages counted."""
         closed = len(self.accountant.closed) if self.accountant else 0
-        status = self.kv.items("status/")
-        moved = sum(int(v.get("msgs_in", 0)) + int(v.get("msgs_out", 0)) for v in status.values() if isinstance(v, dict))
+        moved = 0
+        for v in self.kv.items("status/").values():
+            if isinstance(v, dict):
+                for k in ("msgs_in", "msgs_out"):
+                    n = v.get(k)
+                    moved += n if isinstance(n, int) and not isinstance(n, bool) else 0
         ended = sum(1 for r in self.replicas if r.proc.poll() is not None)
         return closed, moved, ended
 

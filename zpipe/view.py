@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class Tracker:
         self._gone: set[str] = set()
         self._scans: dict[str, dict] = {}
         self._expected: dict[str, Row] = {}  # replicas the runner started, shown before they publish
+        self.ignored = 0  # status values of the wrong shape, not shown
 
     def attach(self, kv) -> "Tracker":
         kv.on_change(self.on_change)  # before the copy, so nothing falls between the two
@@ -143,7 +145,8 @@ class Tracker:
             if value is None:
                 self._gone.add(key)
                 return
-            if not isinstance(value, dict) or "time" not in value:
+            if not _sane(value):  # anyone can write a status key: what is not a status is not shown
+                self.ignored += 1
                 return
             self._gone.discard(key)
             h = self._history.setdefault(key, collections.deque(maxlen=256))
@@ -160,16 +163,46 @@ class Tracker:
         with self._lock:
             history = {k: list(h) for k, h in self._history.items()}
             gone, records = set(self._gone), dict(self._scans)
-        rows = {k: _row(k, h, k in gone, now) for k, h in history.items()}
+        rows = {}
+        for k, h in history.items():
+            try:
+                rows[k] = _row(k, h, k in gone, now)
+            except (TypeError, ValueError, KeyError, ZeroDivisionError):  # odd values that passed _sane
+                self.ignored += 1
         for k, placeholder in self._expected.items():
             rows.setdefault(k, placeholder)
         ordered = sorted(rows.values(), key=self._sort_key)
-        return Picture(ordered, _scans(records, history), _warnings(history))
+        try:
+            scans = _scans(records, history)
+        except (TypeError, ValueError, KeyError, ZeroDivisionError):
+            self.ignored += 1
+            scans = []
+        return Picture(ordered, scans, _warnings(history))
 
     def _sort_key(self, row: Row):
         role = ROLE_ORDER.index(row.role) if row.role in ROLE_ORDER else len(ROLE_ORDER)
         node = self.order.index(row.node) if row.node in self.order else len(self.order)
         return role, node, row.node, row.replica or 0
+
+
+_NUMBERS = ("msgs_in", "bytes_in", "msgs_out", "bytes_out", "blocked_s", "rejected", "errors", "queue", "queue_max")
+
+
+def _sane(value: Any) -> bool:
+    """A status snapshot as Meter.snapshot writes it (numbers where numbers go), or not shown."""
+    if not isinstance(value, dict) or not _finite(value.get("time")):
+        return False
+    if not isinstance(value.get("node", ""), str) or not isinstance(value.get("state", ""), str):
+        return False
+    if not isinstance(value.get("replica", 0), int) or not isinstance(value.get("scans", {}), dict):
+        return False
+    if not isinstance(value.get("warnings", []), list):
+        return False
+    return all(_finite(value.get(k, 0)) for k in _NUMBERS)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _row(key: str, h: list, gone: bool, now: float) -> Row:
@@ -208,7 +241,7 @@ def _scans(records: dict[str, dict], history: dict[str, list]) -> list[ScanView]
     out = []
     for key, rec in records.items():
         sid = key.split("/", 1)[1]
-        if not sid.isdigit() or not isinstance(rec, dict):
+        if not sid.isdigit() or not isinstance(rec, dict) or not _sane_record(rec):
             continue
         per_group = counts.get(sid, {})
         known = [e for _, e in per_group.values() if e is not None]
@@ -222,6 +255,12 @@ def _scans(records: dict[str, dict], history: dict[str, list]) -> list[ScanView]
         out.append(ScanView(int(sid), rec.get("status", "?"), received, expected, rate or None, elapsed, rec))
     out.sort(key=lambda s: s.scan)
     return out
+
+
+def _sane_record(rec: dict) -> bool:
+    """A scan record's fields the view uses, of the types it uses them as."""
+    return (isinstance(rec.get("node_groups") or [], list) and isinstance(rec.get("status", ""), str)
+            and all(rec.get(k) is None or _finite(rec.get(k)) for k in ("started", "finished", "updated")))
 
 
 def _warnings(history: dict[str, list], keep: int = 5) -> list[str]:

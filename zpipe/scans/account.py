@@ -186,6 +186,7 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
     parts_per_item = None
     firsts, processed_at = [], []
     handed = _handed_to(producers, aggregator)  # node group -> data messages sent to it
+    rep["handed_to"] = {str(g): n for g, n in sorted(handed.items())}
     for r in ngs:
         part = parts.get(r)
         label = (part or {}).get("label") or f"{(record.get('route') or {}).get('node_group', 'nodegroup')}[{r}]"
