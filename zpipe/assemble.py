@@ -39,6 +39,7 @@ class Assembler:
     incomplete: list[_Item] = field(default_factory=list)
     key_range: tuple[int, int] | None = None  # (first, count) when the source said which keys to expect
     seen: KeySet = None  # every key that showed at least one part
+    missing: dict = field(default_factory=dict)  # incomplete item's key -> the parts it went without
     done_complete: int = 0
     done_incomplete: int = 0
 
@@ -50,10 +51,12 @@ class Assembler:
         self.item_shape = (self.spec.parts * self.part_shape[0], *self.part_shape[1:])
         self._full = (1 << self.spec.parts) - 1
         self.newest = [None] * self.spec.parts  # per part number, the highest key it came with
+        self._over = 0  # bit mask of part numbers that will come no more (their sender is gone)
         self._batch_buf: np.ndarray | None = None  # made when an analysis first asks for stacked data
 
     def add(self, header: dict[str, Any], payload) -> bool:
-        """Place one part (kept by reference, not copied); True if it completed its item.
+        """Place one part (kept by reference, not copied); True if it made its item ready for a worker:
+        complete, or with every missing part one that will come no more (see `over`).
 
         Raises Rejected (and changes nothing) if the part does not fit.
         """
@@ -91,6 +94,9 @@ class Assembler:
         if newest is None or key > newest:
             self.newest[part] = key
         if item.seen != self._full:
+            if item.seen | self._over == self._full:  # as complete as it will ever be: out now
+                self._give_up(key, item)
+                return True
             return False
         if self.pending.pop(key, None) is None:
             del self.stale[key]
@@ -98,6 +104,31 @@ class Assembler:
         item.header["missing"] = []
         self.ready.append(item)
         return True
+
+    def over(self, parts: set[int]) -> int:
+        """Parts `parts` will come no more (their senders are gone): items that lack only those go to
+        the workers now, as incomplete, instead of waiting for the scan's end (and holding memory).
+        Returns how many items went."""
+        mask = 0
+        for p in parts:
+            if 0 <= p < self.spec.parts:
+                mask |= 1 << p
+                self.newest[p] = float("inf")  # its stream has moved on for good: no frontier waits for it
+        if mask & ~self._over == 0:
+            return 0
+        self._over |= mask
+        gone = [(k, it) for waiting in (self.pending, self.stale) for k, it in waiting.items()
+                if it.seen | self._over == self._full]
+        for key, item in gone:
+            self._give_up(key, item)
+        return len(gone)
+
+    def _give_up(self, key: int, item: _Item) -> None:
+        if self.pending.pop(key, None) is None:
+            self.stale.pop(key, None)
+        item.header["complete"] = False
+        item.header["missing"] = self.missing[key] = [p for p in range(self.spec.parts) if not item.seen & (1 << p)]
+        self.incomplete.append(item)
 
     def frontier(self, gap: int) -> int | None:
         """The key of the oldest item still worth waiting for, or None when none waits.
@@ -126,7 +157,7 @@ class Assembler:
         for key in sorted(waiting):
             item = waiting[key]
             item.header["complete"] = False
-            item.header["missing"] = [p for p in range(self.spec.parts) if not item.seen & (1 << p)]
+            item.header["missing"] = self.missing[key] = [p for p in range(self.spec.parts) if not item.seen & (1 << p)]
             self.incomplete.append(item)
         self.pending.clear()
         self.stale.clear()

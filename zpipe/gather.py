@@ -14,7 +14,7 @@ from typing import Any
 
 from zpipe import arrays
 from zpipe.runtime import NodeRuntime
-from zpipe.scans.messages import Rejected, Rejects
+from zpipe.scans.messages import Rejected, Rejects, brief
 from zpipe.topology import SocketSpec
 from zpipe.transport.outbox import Outbox, PeerGone
 
@@ -30,6 +30,7 @@ class ZmqGather:
         self.early: dict[int, dict[int, Share]] = {}  # shares of scans we have not collected yet
         self.complete: dict[int, set[int]] = {}  # scan -> node groups whose share is all here
         self.rejects = Rejects(f"{rt.label}.results", rt.meter)
+        self.collecting: int | None = None
 
     def collect(self, scan: int, node_groups: list[int], writer: int, mine: Share):
         """Writer: ({node group: share}, {node group: why it is missing}); others: send ours, (None, {})."""
@@ -40,10 +41,15 @@ class ZmqGather:
         missing: dict[int, str] = {}
         pending = set(node_groups) - {rt.replica}
         deadline = time.monotonic() + self.timeout
+        self.collecting = scan
         while True:
             for g in list(pending):
                 if g in self.complete.get(scan, ()):
-                    got[g] = self.early.get(scan, {}).pop(g)
+                    share = self.early.get(scan, {}).pop(g, None)
+                    if share is None:
+                        missing[g] = "its results were dropped (too many scans ahead)"
+                    else:
+                        got[g] = share
                     pending.discard(g)
                 elif rt.roster.gone(rt.name, g):
                     missing[g] = "it is gone"
@@ -62,6 +68,7 @@ class ZmqGather:
                 self._receive(self.pull.recv_multipart(copy=False), node_groups)
         self.early.pop(scan, None)
         self.complete.pop(scan, None)
+        self.collecting = None
         return got, missing
 
     def _receive(self, frames, node_groups) -> None:
@@ -71,24 +78,35 @@ class ZmqGather:
             if header.get("pipe") != self.rt.pipe:
                 raise Rejected("not this pipeline")
             scan, sender = header.get("scan"), header.get("from")
-            if type(scan) is not int or type(sender) is not int or sender == self.rt.replica:
-                raise Rejected("bad results header", f"scan {scan!r} from {sender!r}")
+            if (type(scan) is not int or type(sender) is not int or sender == self.rt.replica
+                    or not 0 <= sender < self.rt.spec.replicas):
+                raise Rejected("bad results header", f"scan {brief(scan)} from {brief(sender)}")
             if sender in self.complete.get(scan, ()):
                 raise Rejected("results after their end", f"scan {scan} from {sender}")
-            share = self.early.setdefault(scan, {}).setdefault(sender, {"part": None, "results": {}})
+            share = self.early.setdefault(scan, {}).setdefault(sender, {"part": None, "results": {}, "n": 0})
             if header.get("end"):
-                share["part"] = header.get("part") if isinstance(header.get("part"), dict) else {}
+                part = header.get("part") if isinstance(header.get("part"), dict) else {}
+                if header.get("results") != share["n"]:  # a message of it lost, or one forged among them
+                    raise Rejected("results incomplete", f"scan {scan} from {sender}: {share['n']} of "
+                                                         f"{brief(header.get('results'))}")
+                share["part"] = part
                 self.complete.setdefault(scan, set()).add(sender)
             elif isinstance(header.get("analysis"), str) and values is not None:
                 share["results"].setdefault(header["analysis"], []).append(values)
+                share["n"] += 1
             else:
                 raise Rejected("bad results message")
-            while len(self.early) > 64:  # shares for scans nobody collects (a stale sender): forget the oldest
-                self.early.pop(next(iter(self.early)))
+            # Shares of scans nobody collects yet (a peer far ahead, a stale sender): the oldest go,
+            # never the one being collected.
+            while len(self.early) > 64:
+                old = next(s for s in self.early if s != self.collecting)
+                self.early.pop(old)
+                self.complete.pop(old, None)
         except Rejected as exc:
-            self.rejects.reject(exc, str(header.get("from")) if isinstance(header, dict) else "unknown sender")
+            sender = header.get("from") if isinstance(header, dict) else None
+            self.rejects.reject(exc, brief(sender) if sender is not None else "unknown sender")
         except Exception as exc:  # anything arrays.unpack cannot read
-            self.rejects.add("malformed results message", "unknown sender", f"{exc.__class__.__name__}: {exc}"[:200])
+            self.rejects.add("malformed results message", "unknown sender", exc.__class__.__name__)
 
     def _send(self, scan: int, writer: int, mine: Share) -> dict[int, str]:
         rt = self.rt
@@ -96,10 +114,12 @@ class ZmqGather:
             self.outbox = Outbox(rt, "results", rt.name, "results", spec=SPEC)
         meta = {"pipe": rt.pipe, "scan": scan, "from": rt.replica}
         try:
+            n = 0
             for name, parts in mine["results"].items():
                 for values in parts:
                     self.outbox.send(writer, arrays.pack({**meta, "analysis": name}, values))
-            self.outbox.send(writer, arrays.pack({**meta, "end": True, "part": mine["part"]}, None))
+                    n += 1
+            self.outbox.send(writer, arrays.pack({**meta, "end": True, "results": n, "part": mine["part"]}, None))
         except PeerGone as exc:
             return {writer: f"our results could not reach the writer: {exc}"}
         return {}

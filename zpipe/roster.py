@@ -18,6 +18,7 @@ PREFIX = "nodes/"
 TTL = 3.0
 GRACE = 3.0
 ENDED_GRACE = 30.0  # s a cleanly ended sender's last messages may take to be read off our queue
+OUTAGE_TRUST = 10.0  # s of registry silence after which an in-band `end` is believed without its record
 
 
 def key(node: str, replica: int) -> str:
@@ -67,6 +68,15 @@ class Roster:
     def why(self, node: str, replica: int) -> str:
         return f"died or left: its liveness key has been gone for over {self.grace:g} s"
 
+    def ended(self, node: str, replica: int, pipe: str) -> bool:
+        """`node[replica]` itself says it has no more scans (its `flow/.../end` record, of this pipeline):
+        what makes an in-band `end` under its name believable (a forged one is not corroborated)."""
+        end = self.kv.get(f"flow/{node}/{int(replica)}/end")
+        if isinstance(end, dict) and end.get("done") is True and end.get("pipe") == pipe:
+            return True
+        # The registry has been away too long to ask: an `end` is taken at its word rather than wait forever.
+        return getattr(self.kv, "silence", 0.0) > OUTAGE_TRUST
+
     def departed(self, node: str, replica: int, pipe: str) -> str | None:
         """For a receiver: why `node[replica]` will send nothing more, or None while it still may.
 
@@ -76,8 +86,7 @@ class Roster:
         """
         if not self.gone(node, replica):
             return None
-        end = self.kv.get(f"flow/{node}/{int(replica)}/end")
-        if isinstance(end, dict) and end.get("done") and end.get("pipe") == pipe:
+        if self.ended(node, replica, pipe):
             k = f"ended:{key(node, replica)}"
             with self._lock:
                 since = self._absent.setdefault(k, time.monotonic())

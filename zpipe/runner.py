@@ -285,7 +285,7 @@ class Runner:
         records = {}
         for k, rec in self.kv.items("scans/").items():
             scan = k.split("/")[1] if k.count("/") == 1 else ""
-            if scan.isdigit() and isinstance(rec, dict) and rec.get("pipe") in (None, self.pipe):
+            if scan.isdigit() and isinstance(rec, dict) and rec.get("pipe") == self.pipe:
                 records[int(scan)] = rec
         return records
 
@@ -300,9 +300,9 @@ class Runner:
                 time.sleep(0.1)
                 records = self._records()
         if self.accountant is not None:
-            for scan, rep in self.accountant.reports.items():
-                if scan in records or rep.get("scan") == scan:
-                    records[scan] = {**records.get(scan, {}), "summary": rep["summary"], "outcome": rep["outcome"],
+            for scan, rep in list(self.accountant.reports.items()):
+                if scan in records:
+                    records[scan] = {**records[scan], "summary": rep["summary"], "outcome": rep["outcome"],
                                      "report_file": rep.get("report_file")}
         from zpipe.scans.accountant import scans_on_disk
 
@@ -320,20 +320,24 @@ class Runner:
         for scan in sorted(records):
             rec = records[scan]
             if rec.get("fallback"):
-                fb = rec["fallback"]
+                fb = rec["fallback"] if isinstance(rec["fallback"], dict) else {}
                 outcomes.append(rec.get("outcome", "complete"))
                 line = (f"scan {scan}: no node group; written to disk as {fb.get('files', '?')} files in "
                         f"{fb.get('directory')} (manifest {fb.get('manifest', '?')})")
                 if rec.get("report_file"):
                     line += f"; report {rec['report_file']}"
-            elif rec.get("summary"):
-                outcomes.append(rec.get("outcome", "failed"))
+            elif isinstance(rec.get("summary"), str):
+                outcome = rec.get("outcome")
+                outcomes.append(outcome if outcome in ("complete", "incomplete", "failed") else "failed")
                 path = rec.get("report_file")
                 if self.accountant is None and not rec.get("from_files"):
                     rep = self.kv.get(f"scans/{scan}/report")
                     if isinstance(rep, dict):  # the registry's accountant wrote it elsewhere: a copy here too
                         from zpipe.scans.record import write_json
-                        path = write_json(os.path.join(self.output_dir, f"scan_{scan}_report.json"), rep)
+                        try:
+                            path = write_json(os.path.join(self.output_dir, f"scan_{scan}_report.json"), rep)
+                        except OSError as exc:
+                            print(f"zpipe: scan {scan}: cannot write its report here: {exc}", file=self.err)
                 line = f"{rec['summary']}; report {path or '?'}"
             else:
                 outcomes.append("failed")

@@ -9,6 +9,7 @@ import time
 from rich.console import Console
 
 from zpipe.kv import KVClient
+from zpipe.scans.record import plain
 from zpipe.view import Display, Tracker, render, to_json
 
 
@@ -26,7 +27,7 @@ def run(args) -> int:
             time.sleep(args.sample)  # the second snapshot: rates need two publications of each replica
             picture = tracker.picture()
             if args.json:
-                print(json.dumps({"registry": args.registry, **to_json(picture)}, indent=1, default=str))
+                print(json.dumps(plain({"registry": args.registry, **to_json(picture)}), indent=1, default=str))
             else:
                 console = Console()
                 console.print(render(picture, f"registry {args.registry}", console.width))

@@ -167,17 +167,22 @@ class Tracker:
         for k, h in history.items():
             try:
                 rows[k] = _row(k, h, k in gone, now)
-            except (TypeError, ValueError, KeyError, ZeroDivisionError):  # odd values that passed _sane
+            except Exception:  # odd values that passed _sane
                 self.ignored += 1
         for k, placeholder in self._expected.items():
             rows.setdefault(k, placeholder)
         ordered = sorted(rows.values(), key=self._sort_key)
         try:
             scans = _scans(records, history)
-        except (TypeError, ValueError, KeyError, ZeroDivisionError):
+        except Exception:  # records anyone can write: a picture without them rather than none
             self.ignored += 1
             scans = []
-        return Picture(ordered, scans, _warnings(history))
+        try:
+            warnings = _warnings(history)
+        except Exception:
+            self.ignored += 1
+            warnings = []
+        return Picture(ordered, scans, warnings)
 
     def _sort_key(self, row: Row):
         role = ROLE_ORDER.index(row.role) if row.role in ROLE_ORDER else len(ROLE_ORDER)
@@ -196,7 +201,12 @@ def _sane(value: Any) -> bool:
         return False
     if not isinstance(value.get("replica", 0), int) or not isinstance(value.get("scans", {}), dict):
         return False
-    if not isinstance(value.get("warnings", []), list):
+    if not isinstance(value.get("warnings", []), list) or not all(isinstance(w, str) for w in value["warnings"]):
+        return False
+    if not isinstance(value.get("role", ""), str) or not isinstance(value.get("host", ""), str):
+        return False
+    if not all(isinstance(c, dict) and all(c.get(k) is None or _finite(c.get(k)) for k in ("received", "expected"))
+               for c in value.get("scans", {}).values()):
         return False
     return all(_finite(value.get(k, 0)) for k in _NUMBERS)
 

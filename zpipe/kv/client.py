@@ -62,6 +62,7 @@ class KVClient:
         self.client_id = uuid.uuid4().bytes[:8]
         self.resyncs = 0  # snapshots taken after the first one
         self.synced_at = 0.0  # monotonic time of the last snapshot installed (keys may be missing just after)
+        self.started_at = time.monotonic()
         self._agent = None
         # Malformed messages dropped, by reason; and how often we put back each
         # ephemeral key of ours that another client overwrote or deleted. Both
@@ -228,6 +229,15 @@ class KVClient:
         agent = self._agent
         return (agent is not None and agent.phase == "live"
                 and time.monotonic() - agent.last_heard <= agent.heartbeat_timeout)
+
+    @property
+    def silence(self) -> float:
+        """Seconds since we last heard from the server (0 while in step with it)."""
+        agent = self._agent
+        if agent is None:
+            return 0.0
+        quiet = time.monotonic() - (agent.last_heard or self.started_at)
+        return 0.0 if self.healthy else quiet
 
     def _install(self, state: dict[str, Any], seq: int) -> None:
         self.synced_at = time.monotonic()

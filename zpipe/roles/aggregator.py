@@ -87,6 +87,7 @@ class _Channel:
     ended: set = field(default_factory=set)  # producer threads that sent `end`
     gone: set = field(default_factory=set)  # producer threads found gone
     finished: bool = False
+    latest: int = -1  # the latest scan this channel has heard of
     queue: deque = field(default_factory=deque)  # (node group or None, frames, scan state, key) waiting to go
     owed: dict = field(default_factory=dict)  # node group -> `done`s of scans we gave up on it in, for if it returns
     since: float = 0.0
@@ -102,6 +103,7 @@ class _Relay:
         self.open = len(channels)  # channels whose producers have not all ended (or gone)
         self.scan_channels: dict[int, set[int]] = {}  # scan -> channels that closed it (for our flow record)
         self.scan_totals: dict[int, dict] = {}
+        self.published: dict[int, dict] = {}  # scan -> the flow record published (a late channel adds to it)
 
     def run(self) -> None:
         rt = self.rt
@@ -119,13 +121,15 @@ class _Relay:
         ch = self.channels[c]
         header = None
         try:
-            header = messages.decode(frames[0])
-            if header.get("pipe") != self.pipe:
-                raise Rejected("not this pipeline", f"pipe {str(header.get('pipe'))[:20]!r}")
+            header = messages.ours(frames[0], self.pipe)
             sender = header.get("sender")
             if not isinstance(sender, str) or sender not in ch.origins:
                 raise Rejected("unknown sender", f"channel {c} hears only {sorted(ch.origins)}")
             kind = header.get("type")
+            if sender in ch.ended and kind != "end" and not ch.finished:
+                # It speaks after its `end`: that end was not its own (forged under its name).
+                ch.ended.discard(sender)
+                self.rejects.add("end contradicted by later messages", sender)
             if kind is None or kind == "data":
                 self.data(ch, header, frames, sender)
             elif kind == "info":
@@ -135,10 +139,13 @@ class _Relay:
             elif kind == "end":
                 self.end(ch, sender)
             else:
-                raise Rejected("unknown message type", repr(kind)[:30])
+                raise Rejected("unknown message type", messages.brief(kind))
         except Rejected as exc:
-            self.rejects.reject(exc, sender_of(header))
+            self.rejects.reject(exc, sender_of(header or exc.header))
             self._count_scan_reject(ch, header)
+            return None
+        except Exception as exc:  # a shape no check foresaw: still rejected and counted, never a crash
+            self.rejects.add("malformed message", sender_of(header), exc.__class__.__name__)
             return None
         return ch if ch.queue and not self.resend(ch, time.monotonic()) else None
 
@@ -159,6 +166,9 @@ class _Relay:
         st = ch.scans.get(scan)
         if st is None:
             st = ch.scans[scan] = _Scan(scan, list(ngs), meta)
+            if scan > ch.latest:
+                ch.latest = scan
+                self.publish_closed()  # earlier scans this channel never saw need not wait for it
             self.scan_totals.setdefault(scan, _empty_totals())
             for g in st.node_groups:  # tell each node group before it gets a part of the scan from us
                 self.queue_to(ch, g, messages.info(self.pipe, scan, ch.me, st.node_groups, meta), st, "info")
@@ -173,7 +183,7 @@ class _Relay:
         st = ch.scans.get(scan) if type(scan) is int else None
         if st is None or sender not in st.infos or sender in st.dones:
             if type(scan) is not int:
-                raise Rejected("bad scan number", repr(scan)[:30])
+                raise Rejected("bad scan number", messages.brief(scan))
             raise Rejected("data out of turn", f"scan {scan}: no info from this sender yet, or after its done"
                            if scan not in ch.closed else f"scan {scan} is closed")
         if len(frames) != 2:
@@ -284,12 +294,14 @@ class _Relay:
             elif g in st.told:  # should it come back (it froze), it learns we gave up on it for this scan
                 ch.owed.setdefault(g, []).append(done)
         ch.closed.add(st.id)
+        if len(ch.closed) > 100_000:
+            ch.closed.discard(min(ch.closed))
         del ch.scans[st.id]
         self.closed_on_channel(ch, st)
 
     def closed_on_channel(self, ch: _Channel, st: _Scan) -> None:
         """Our flow record of the scan, once every channel has closed it."""
-        tot = self.scan_totals.setdefault(st.id, _empty_totals())
+        tot = self.scan_totals.setdefault(st.id, self.published.pop(st.id, None) or _empty_totals())
         tot["received"] += st.received
         tot["undeliverable"] += st.undeliverable
         tot["rerouted"] += st.rerouted
@@ -303,15 +315,27 @@ class _Relay:
         self.publish_closed()
 
     def publish_closed(self) -> None:
-        """Publish the flow record of every scan that each channel has closed or will never see."""
+        """Publish the flow record of every scan that each channel has closed or will never see: it
+        finished, or it has moved on to a later scan (a producer that gave this one up). A channel
+        that closes a scan after that (its producer came back) adds to the record, never replaces it."""
         for scan, done in list(self.scan_channels.items()):
-            if all(ch.c in done or ch.finished for ch in self.channels):
-                flow.publish_scan(self.rt, scan, done=True, **self.scan_totals.pop(scan))
+            if all(ch.c in done or ch.finished or ch.latest > scan for ch in self.channels):
+                totals = self.scan_totals.pop(scan)
+                flow.publish_scan(self.rt, scan, done=True, **totals)
                 del self.scan_channels[scan]
+                self.published[scan] = totals
+                while len(self.published) > 256:
+                    self.published.pop(next(iter(self.published)))
 
     def maybe_finish(self, ch: _Channel) -> None:
+        """The channel is done once every producer thread of it ended (its `end`, corroborated by the
+        producer's own record in the registry: an `end` alone may be forged) or is gone."""
         if ch.finished or any(s not in ch.ended and s not in ch.gone for s in ch.origins):
             return
+        producer, roster = self.rt.plan.producer, self.rt.roster
+        if any(s not in ch.gone for s in ch.origins) and not (
+                roster.ended(producer, ch.c, self.pipe) or roster.gone(producer, ch.c)):
+            return  # its end record is not there yet (or the end was not its own): look again at the next tick
         for st in list(ch.scans.values()):  # scans an origin that is gone never closed
             self.maybe_close(ch, st)
         ch.finished = True
@@ -327,6 +351,8 @@ class _Relay:
         for ch in self.channels:
             if ch.finished:
                 continue
+            if ch.ended:
+                self.maybe_finish(ch)
             why = self.rt.roster.departed(plan.producer, ch.c, self.pipe)
             if why:
                 newly = set(ch.origins) - ch.gone - ch.ended

@@ -21,11 +21,12 @@ from zpipe.plugin import Context, Scan, Source
 from zpipe import flow
 from zpipe.scans import messages, record as scans
 from zpipe.transport.outbox import Outbox, PeerGone
+from zpipe.roster import OUTAGE_TRUST
 from zpipe.runtime import NodeRuntime
 from zpipe.wire import pack_header
 
 log = logging.getLogger("zpipe.producer")
-ANNOUNCE_WAIT = 10.0  # s a replica waits for the scan's first producer to announce it
+ANNOUNCE_WAIT = 600.0  # s a replica waits, at most, for a live announcer to announce the scan
 
 
 def run(rt: NodeRuntime, make_plugin) -> dict:
@@ -94,6 +95,8 @@ def _announce(rt: NodeRuntime, sc: Scan) -> dict | None:
     Replica 0 announces; should it be gone (zpipe.roster), the next one does, so the scans of a
     run whose first producer died are still announced and accounted for."""
     plan = rt.plan
+    # The announcer may still be sending the last scan, then wait `fallback_wait` for node groups:
+    # we wait as long as it lives (it may be slow, not gone), within ANNOUNCE_WAIT at most.
     deadline = time.monotonic() + ANNOUNCE_WAIT
     while not rt.stop.is_set():
         announcer = next((r for r in range(rt.spec.replicas) if r == rt.replica or not rt.roster.gone(rt.name, r)))
@@ -102,12 +105,12 @@ def _announce(rt: NodeRuntime, sc: Scan) -> dict | None:
         rec = scans.wait_record(rt.kv, sc.id, timeout=0.5, stop=rt.stop, pipe=rt.pipe)
         if rec is not None:
             return rec
-        if time.monotonic() > deadline:
-            return None
+        if time.monotonic() > deadline or rt.kv.silence > OUTAGE_TRUST:
+            return None  # no record: nobody can tell us the scan's node groups (the registry is away)
     else:
         return None
-    current = rt.kv.get(scans.key(sc.id))
-    if isinstance(current, dict) and isinstance(current.get("node_groups"), list) and current.get("pipe") == rt.pipe:
+    current = scans.valid_record(rt.kv.get(scans.key(sc.id)), rt.pipe)
+    if current is not None:
         return current  # announced already (by a replica before us that has since gone)
     # Wait (bounded) for every node group the topology declares, then go with those alive.
     want = plan.ng_replicas
@@ -215,7 +218,7 @@ def _stream(rt: NodeRuntime, plugin: Source, sc: Scan, t: int, ngs: list[int], o
         planned += 1
         if direct:
             counts[ngs[int(h[route]) % n]] += 1
-    if t == 0 and rt.kv.get(scans.key(sc.id), {}).get("announced_by") == rt.label:
+    if t == 0 and (scans.valid_record(rt.kv.get(scans.key(sc.id)), rt.pipe) or {}).get("announced_by") == rt.label:
         scans.update(rt.kv, sc.id, status="streaming")
     messages_sent = nbytes = lost = 0
     sent_to: collections.Counter = collections.Counter()
@@ -340,7 +343,7 @@ def _fallback(rt: NodeRuntime, plugins: list[Source], sc: Scan) -> dict:
 
     counts = _in_threads(rt, plugins, write)
     log.warning("scan %d: no node group registered; wrote %d messages to %s", sc.id, counts["messages"], directory)
-    if (rt.kv.get(scans.key(sc.id)) or {}).get("announced_by") == rt.label:  # its announcer closes it
+    if (scans.valid_record(rt.kv.get(scans.key(sc.id)), rt.pipe) or {}).get("announced_by") == rt.label:  # its announcer closes it
         want = rt.spec.replicas * rt.spec.threads
         try:
             parts = rt.kv.wait(lambda items: len(items) >= want, prefix=prefix, timeout=rt.resolve_timeout * 4)

@@ -76,6 +76,18 @@ class KeySet:
         return ks
 
 
+def _processed(packed: Any, keys) -> KeySet:
+    """A part's bitmap of processed items, if it is over the scan's own key range (else ValueError)."""
+    if not isinstance(packed, dict) or not isinstance(packed.get("bits"), (bytes, bytearray)):
+        raise ValueError("a part's processed items are not a bitmap")
+    first, count = packed.get("first"), packed.get("count")
+    if [first, count] != list(keys or [0, 0]) or len(packed["bits"]) != (count + 7) // 8:
+        raise ValueError(f"a part's processed items are over {first}+{count}, not the scan's {keys}")
+    if len(packed.get("extra") or ()) > 10_000:
+        raise ValueError("a part names too many items outside the scan")
+    return KeySet.unpack(packed)
+
+
 def ranges(keys: Iterable[int]) -> list[list[int]]:
     """Sorted keys as [first, last] runs: a lost node group's half a million frames in a few lines."""
     out: list[list[int]] = []
@@ -92,7 +104,7 @@ def merge_figures(into: dict[str, Any], figures: dict[str, Any]) -> None:
     for k, v in figures.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             into[k] = into.get(k, 0) + v
-        elif k not in into and v not in (None, {}, [], ""):
+        elif k not in into and not (v is None or (isinstance(v, (dict, list, str)) and not v)):
             into[k] = v
 
 
@@ -220,7 +232,7 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
             occurrences[key] = occurrences.get(key, 0) + 1
         parts_per_item = parts_per_item or part.get("parts_per_item")
         if part.get("processed"):
-            ks = KeySet.unpack(part["processed"])
+            ks = _processed(part["processed"], keys)
             before = len(seen)
             seen.merge(ks)
             duplicates += len(ks) - (len(seen) - before)
@@ -267,7 +279,7 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
     if split:
         rep["split_items"] = sorted(int(k) for k in split)
         incomplete -= sum(occurrences[k] - 1 for k in split)
-        duplicates -= len(split)
+        duplicates -= sum(occurrences[k] - 1 for k in split)
         rep["incomplete"] = incomplete
         reasons.append(f"{len(split):,} items had their parts split between node groups (each part processed, "
                        f"never the whole item)")
@@ -292,6 +304,9 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
             parts_missing += len(missing) * parts_per_item
             # Parts the sources never had: the scan's parts less those the producers planned to send.
             rep["parts_lost_upstream"] = max(0, count * parts_per_item - planned) if not unknown_plan else None
+            if rep["parts_lost_upstream"] is not None and parts_missing > rep["parts_lost_upstream"]:
+                reasons.append(f"{parts_missing - rep['parts_lost_upstream']:,} parts are missing beyond those "
+                               f"the sources never had")
     else:
         rep["items"] = {"expected": None, "processed": None, "complete": complete, "incomplete": incomplete}
         rep["missing_items"], rep["missing_item_ranges"] = [], []

@@ -21,11 +21,12 @@ from typing import Any
 
 from zpipe.kv import KVClient
 from zpipe.roster import Roster
-from zpipe.scans import account, record
+from zpipe.scans import account, messages, record
 
 log = logging.getLogger("zpipe.accountant")
 SUBTREES = ("scans/", "flow/", "nodes/")
 TICK = 0.2
+MAX_PARTIES = 4096  # producer replicas, node groups: what a record may name
 UNSEEN_GRACE = 10.0  # s after every sender finished: a live node group with no part never saw the scan
 
 
@@ -40,10 +41,13 @@ class Accountant(threading.Thread):
         self.revisions: dict[int, int] = {}
         self.reports: dict[int, dict] = {}  # scan -> its latest account, for the process that runs us
         self._senders_done: dict[int, float] = {}
+        self._dirty: set[int] = set()
+        self._pipes: dict[int, str | None] = {}  # scan -> the pipeline its record is of
         self._lock = threading.Lock()
 
     def start(self) -> "Accountant":
         self.kv.start()
+        self.kv.on_change(self._on_change)
         self.roster = Roster(self.kv)
         super().start()
         return self
@@ -62,51 +66,94 @@ class Accountant(threading.Thread):
         self.kv.close()
 
     # -- closing accounts --------------------------------------------------------------------------
+    def _on_change(self, key: str, _value) -> None:
+        """Note which scans' figures changed, so a sweep looks only at those (and the ones still open)."""
+        parts = key.split("/")
+        if len(parts) >= 2 and parts[0] == "scans" and parts[1].isdigit():
+            self._dirty.add(int(parts[1]))
+        elif len(parts) == 4 and parts[0] == "flow" and parts[3].isdigit():
+            self._dirty.add(int(parts[3]))
+
     def sweep(self, final: str | None = None) -> list[int]:
-        """Close every scan whose parties are all done or gone (all of them, with `final` set: the run ends)."""
+        """Close every scan whose parties are all done or gone (all of them, with `final` set: the run ends).
+
+        Anyone can write to the registry: a scan whose record or figures are of the wrong shape gets
+        a failed account saying so, and never stops the others'."""
         closed = []
         with self._lock:
+            dirty, self._dirty = self._dirty, set()
             items = self.kv.items(record.PREFIX)
             flows = self.kv.items("flow/")
             for k, rec in items.items():
                 scan = record.scan_of(k)
-                if scan is None or not isinstance(rec, dict):
-                    continue
-                if rec.get("fallback"):
-                    if rec.get("status") == "done" and scan not in self.closed:
-                        self._close_on_disk(scan, rec, flows)
-                    continue
-                if not rec.get("node_groups"):
+                if scan is None or (scan in self.closed and scan not in dirty and final is None):
                     continue
                 try:
-                    inputs = self._inputs(scan, rec, items, flows)
-                    if inputs is None and final is None:
-                        continue
-                    if inputs is None:
-                        inputs = self._inputs(scan, rec, items, flows, force=final)
-                    fingerprint = _fingerprint(inputs)
-                    if self.closed.get(scan) == fingerprint:
-                        continue
+                    if self._sweep_one(scan, rec, items, flows, final):
+                        closed.append(scan)
                 except Exception as exc:  # a record of the wrong shape (written by anyone): that scan fails
                     if self.closed.get(scan) == ("malformed",):
                         continue
                     log.warning("accountant: scan %d: its record or figures are malformed: %s", scan, exc)
-                    inputs, fingerprint = ({}, None, {}, {"record": f"malformed: {exc}"}, {}), ("malformed",)
-                self._close(scan, rec, inputs, fingerprint)
-                closed.append(scan)
+                    self._close_malformed(scan, rec, exc)
+                    closed.append(scan)
         return closed
+
+    def _sweep_one(self, scan: int, rec, items: dict, flows: dict, final: str | None) -> bool:
+        if not isinstance(rec, dict):
+            raise ValueError(f"the record is a {type(rec).__name__}")
+        pipe = rec.get("pipe")
+        if self._pipes.get(scan, pipe) != pipe:  # the same number in a new pipeline: a new scan
+            self.closed.pop(scan, None)
+            self.revisions.pop(scan, None)
+            self._senders_done.pop(scan, None)
+        self._pipes[scan] = pipe
+        if rec.get("fallback"):
+            if rec.get("status") == "done" and scan not in self.closed:
+                self._close_on_disk(scan, rec, flows)
+                return True
+            return False
+        if not rec.get("node_groups"):
+            return False
+        inputs = self._inputs(scan, rec, items, flows)
+        if inputs is None and final is None:
+            return False
+        if inputs is None:
+            inputs = self._inputs(scan, rec, items, flows, force=final)
+        fingerprint = _fingerprint(inputs)
+        if self.closed.get(scan) == fingerprint:
+            return False
+        self._close(scan, rec, inputs, fingerprint)
+        return True
+
+    def _close_malformed(self, scan: int, rec, exc: Exception) -> None:
+        rep = {"scan": scan, "outcome": "failed", "ok": False, "expected": 0, "received": 0, "complete": 0,
+               "incomplete": 0, "reasons": [f"the scan's record or figures in the registry are malformed: {exc}"],
+               "revision": self.revisions.get(scan, 0) + 1, "written": time.time()}
+        self.revisions[scan] = rep["revision"]
+        try:
+            self._write(scan, rep, rec.get("pipe") if isinstance(rec, dict) else None)
+        except Exception:
+            log.exception("accountant: scan %d: not even a failed account could be written", scan)
+        self.closed[scan] = ("malformed",)
 
     def _inputs(self, scan: int, rec: dict, items: dict, flows: dict, force: str | None = None):
         """Every party's figures for the scan, or None while a live party has not finished."""
         source = rec.get("source") if isinstance(rec.get("source"), dict) else {}
         route = rec.get("route") if isinstance(rec.get("route"), dict) else {}
-        pnode, preps = source.get("node", "producer"), int(source.get("replicas") or 0)
+        pnode, preps = source.get("node", "producer"), source.get("replicas") or 0
+        if type(preps) is not int or not 0 <= preps <= MAX_PARTIES or not isinstance(pnode, str):
+            raise ValueError(f"source {messages.brief(pnode)} with {messages.brief(preps)} replicas")
+        messages.node_groups(rec.get("node_groups"))
         agg, ng_node = route.get("aggregator"), route.get("node_group", "nodegroup")
         gone: dict[str, str] = {}
         waiting = False
         producers: dict[int, dict | None] = {}
+
+        def ours(value):  # figures of this scan's pipeline only (the same scan number may be an old run's)
+            return value if isinstance(value, dict) and value.get("pipe") == rec.get("pipe") else None
         for r in range(preps):
-            flow = flows.get(f"flow/{pnode}/{r}/{scan}")
+            flow = ours(flows.get(f"flow/{pnode}/{r}/{scan}"))
             producers[r] = flow if isinstance(flow, dict) else None
             if not (flow and flow.get("done")):
                 if self.roster.gone(pnode, r):
@@ -115,7 +162,7 @@ class Accountant(threading.Thread):
                     waiting = True
         agg_flow = None
         if agg:
-            agg_flow = flows.get(f"flow/{agg}/0/{scan}")
+            agg_flow = ours(flows.get(f"flow/{agg}/0/{scan}"))
             agg_flow = agg_flow if isinstance(agg_flow, dict) else None
             if not (agg_flow and agg_flow.get("done")):
                 if self.roster.gone(agg, 0):
@@ -131,7 +178,7 @@ class Accountant(threading.Thread):
         for r in rec.get("node_groups") or []:
             if not isinstance(r, int):
                 continue
-            part = items.get(record.part_key(scan, r))
+            part = ours(items.get(record.part_key(scan, r)))
             label = f"{ng_node}[{r}]"
             if not (isinstance(part, dict) and part.get("final")) and self.output_dir:
                 kept = record.read_part(self.output_dir, scan, label)  # what it wrote on its disk (same host)
@@ -162,7 +209,7 @@ class Accountant(threading.Thread):
                 if isinstance(r, int) and r not in parts:
                     gone.setdefault(f"{ng_node}[{r}]", force)
         outputs = {k.rsplit("/", 1)[1]: v for k, v in items.items()
-                   if k.startswith(f"{record.PREFIX}{scan}/output/") and isinstance(v, dict)}
+                   if k.startswith(f"{record.PREFIX}{scan}/output/") and ours(v)}
         if lost_parts:
             gone["account"] = f"the parts of {', '.join(lost_parts)} are lost (the registry restarted?)"
         return producers, agg_flow, parts, gone, outputs
@@ -181,6 +228,12 @@ class Accountant(threading.Thread):
         rep["written"] = time.time()
         if revision > 1:
             log.warning("scan %d: account revised (%d): %s", scan, revision, rep.get("outcome"))
+        self._write(scan, rep, rec.get("pipe"))
+        self.closed[scan] = fingerprint
+
+    def _write(self, scan: int, rep: dict, pipe: str | None) -> None:
+        """The account into the registry, the report file and the record's summary (and our own list)."""
+        rep = record.plain(rep)
         path = None
         if self.output_dir:
             try:
@@ -190,30 +243,28 @@ class Accountant(threading.Thread):
                 log.error("scan %d: could not write its report in %s: %s", scan, self.output_dir, exc)
         rep["report_file"] = path
         self.kv.set(record.report_key(scan), rep)
-        outputs = "".join(f"; {name} wrote {out}" for name, out in (rep.get("outputs") or {}).items())
-        summary = account.summary_line(rep) + outputs
-        record.update(self.kv, scan, status="done", outcome=rep["outcome"], ok=rep["ok"], report_file=path,
-                      summary=summary, revision=revision, expected=rep.get("expected"), received=rep.get("received"),
+        summary = rep.get("summary") or (account.summary_line(rep) + "".join(
+            f"; {name} wrote {out}" for name, out in (rep.get("outputs") or {}).items()))
+        fields = {} if rep.get("on_disk") else {"status": "done", "summary": summary}
+        record.update(self.kv, scan, pipe=pipe, outcome=rep["outcome"], ok=rep["ok"], report_file=path,
+                      revision=rep.get("revision"), expected=rep.get("expected"), received=rep.get("received"),
                       complete=rep.get("complete"), incomplete=rep.get("incomplete"), lost_parts=rep.get("lost_parts"),
-                      outputs=rep.get("outputs"), finished=time.time())
-        self.closed[scan] = fingerprint
+                      outputs=rep.get("outputs"), finished=time.time(), **fields)
         self.reports[scan] = {**rep, "summary": summary}
+        while len(self.reports) > 4096:  # a long service: the runner prints its own run's, these are a cache
+            self.reports.pop(next(iter(self.reports)))
         log.info("%s", summary)
 
     def _close_on_disk(self, scan: int, rec: dict, flows: dict) -> None:
         source = rec.get("source") if isinstance(rec.get("source"), dict) else {}
-        pnode = source.get("node", "producer")
-        producers = {r: flows.get(f"flow/{pnode}/{r}/{scan}") for r in range(int(source.get("replicas") or 0))}
+        pnode, preps = source.get("node", "producer"), source.get("replicas") or 0
+        if type(preps) is not int or not 0 <= preps <= MAX_PARTIES:
+            raise ValueError(f"{messages.brief(preps)} producer replicas")
+        producers = {r: flows.get(f"flow/{pnode}/{r}/{scan}") for r in range(preps)}
         rep = account.on_disk(scan, rec, {r: f if isinstance(f, dict) else None for r, f in producers.items()})
-        rep["revision"], rep["written_at"] = 1, time.time()
-        path = None
-        if self.output_dir:
-            path = record.write_json(os.path.join(self.output_dir, f"scan_{scan}_report.json"), rep)
-        rep["report_file"] = path
-        self.kv.set(record.report_key(scan), rep)
-        record.update(self.kv, scan, outcome=rep["outcome"], ok=rep["ok"], report_file=path)
+        rep["revision"], rep["written"] = 1, time.time()
+        self._write(scan, rep, rec.get("pipe"))
         self.closed[scan] = ("on disk",)
-        self.reports[scan] = rep
 
     def finish(self, why: str, timeout: float = 0.0) -> None:
         """The run ends: close what is still open with what is known (those scans fail), then flush."""

@@ -34,6 +34,7 @@ MAX_HEADER = 64 * 1024  # bytes; a header is a few hundred, a scan's meta a few 
 MAX_SCAN = 2**53
 MAX_COUNT = 10**12  # messages; 1024x1024 positions x 4 sectors is 4e6
 MAX_NODE_GROUPS = 4096
+MAX_ITEMS = 2**26  # items a scan may announce (a 4096x4096 scan is 2**24): its bitmaps are allocated from it
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -43,6 +44,20 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
+        self.header = None
+
+
+def brief(value: Any, limit: int = 40) -> str:
+    """A short, safe rendering of anything a message may hold (never repr of a deep structure)."""
+    if isinstance(value, int) and value.bit_length() > 96:
+        text = f"an integer of {value.bit_length()} bits"
+    elif value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+    elif isinstance(value, (str, bytes)):
+        text = repr(value[:limit])
+    else:
+        text = f"a {type(value).__name__}"
+    return text[:limit]
 
 
 def sender_of(header: Any) -> str:
@@ -67,10 +82,20 @@ def decode(frame) -> dict:
     return header
 
 
+def ours(frame, pipe: str) -> dict:
+    """The header frame as a map, if it is of pipeline `pipe`; else Rejected (as `decode`)."""
+    header = decode(frame)
+    if header.get("pipe") != pipe:
+        exc = Rejected("not this pipeline", f"pipe {brief(header.get('pipe'), 20)}")
+        exc.header = header  # who it claims to be from, for the count and the log
+        raise exc
+    return header
+
+
 def count(value: Any, what: str, upper: int = MAX_COUNT) -> int:
     """A non-negative integer no larger than `upper` (bools are not counts)."""
     if type(value) is not int or not 0 <= value <= upper:
-        raise Rejected(f"bad {what}", repr(value)[:40])
+        raise Rejected(f"bad {what}", brief(value))
     return value
 
 
@@ -81,7 +106,7 @@ def scan_id(header: dict) -> int:
 def node_groups(value: Any) -> list[int]:
     if (not isinstance(value, list) or not 0 < len(value) <= MAX_NODE_GROUPS
             or any(type(g) is not int or not 0 <= g < MAX_NODE_GROUPS for g in value) or len(set(value)) != len(value)):
-        raise Rejected("bad node_groups", repr(value)[:60])
+        raise Rejected("bad node_groups", brief(value, 60))
     return value
 
 
@@ -93,8 +118,8 @@ def meta(value: Any) -> dict:
     keys = value.get("keys")
     if keys is not None:
         if (not isinstance(keys, list) or len(keys) != 2 or type(keys[0]) is not int or type(keys[1]) is not int
-                or keys[0] < 0 or not 0 <= keys[1] <= MAX_COUNT):
-            raise Rejected("bad meta.keys", repr(keys)[:60])
+                or not 0 <= keys[0] <= 2**62 or not 0 <= keys[1] <= MAX_ITEMS):
+            raise Rejected("bad meta.keys", brief(keys, 60))
     return value
 
 

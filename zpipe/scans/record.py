@@ -56,10 +56,33 @@ def update(kv: KVClient, scan: int, **fields) -> dict:
     One party writes each phase's fields (producers, then the accountant), so ours win.
     """
     mine = _written.setdefault((id(kv), key(scan)), {})
+    if "pipe" in fields and mine.get("pipe") not in (None, fields["pipe"]):
+        mine.clear()  # a new pipeline's scan of the same number: nothing of the old one carries over
     mine.update(fields, updated=time.time())
+    while len(_written) > 4096:  # a long run's oldest scans: their records are final
+        _written.pop(next(iter(_written)))
     current = kv.get(key(scan))
-    rec = {"scan": scan, **(current if isinstance(current, dict) else {}), **mine}
+    if not isinstance(current, dict) or current.get("pipe") != mine.get("pipe", current.get("pipe")):
+        current = {}  # another pipeline's record of this number (or junk): replaced, not merged
+    rec = {"scan": scan, **current, **mine}
     kv.set(key(scan), rec)
+    return rec
+
+
+def valid_record(rec, pipe: str | None) -> dict | None:
+    """`rec` if it is an announced record of pipeline `pipe` whose node groups make sense, else None
+    (anyone can write a record: a producer never routes by one it cannot trust)."""
+    from zpipe.scans.messages import Rejected, node_groups
+
+    if not isinstance(rec, dict) or rec.get("pipe") != pipe:
+        return None
+    ngs = rec.get("node_groups")
+    if ngs == []:
+        return rec  # announced to disk: no node group
+    try:
+        node_groups(ngs)
+    except Rejected:
+        return None
     return rec
 
 
@@ -67,8 +90,8 @@ def wait_record(kv: KVClient, scan: int, timeout: float, stop=None, pipe: str | 
     """The record, once the scan's announcer has written it (for pipeline `pipe`); None after `timeout` (or stop)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
-        rec = kv.get(key(scan))
-        if isinstance(rec, dict) and isinstance(rec.get("node_groups"), list) and rec.get("pipe") in (None, pipe):
+        rec = valid_record(kv.get(key(scan)), pipe)
+        if rec is not None:
             return rec
         try:
             kv.wait(lambda items: key(scan) in items, prefix=key(scan), timeout=min(0.2, deadline - time.monotonic()))
@@ -77,11 +100,29 @@ def wait_record(kv: KVClient, scan: int, timeout: float, stop=None, pipe: str | 
     return None
 
 
+def plain(value, depth: int = 0):
+    """`value` as JSON and msgpack both carry it: str keys, no bytes, nothing nested absurdly deep
+    (a report is made from figures anyone could have written to the registry)."""
+    if depth > 32:
+        return "(nested too deep)"
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, str) else k: plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, depth + 1) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"({len(value)} bytes)"
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
+        return f"(an integer of {value.bit_length()} bits)"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)[:200]
+
+
 def write_json(path: str, data: dict) -> str:
     """Atomically: a reader never sees half a report."""
     tmp = f"{path}.partial"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True, default=str)
+        json.dump(plain(data), f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
     return path
 

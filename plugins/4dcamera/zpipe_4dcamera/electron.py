@@ -136,9 +136,26 @@ _GROUPS_LOCK = threading.Lock()
 
 
 def _join(instance: ElectronCounting, ctx: Context) -> _Group:
-    """The group of this node group's instances with these parameters: the first with no live
-    instance in this worker's slot (a second identical analysis in the same node group, or a
-    later run in the same process, forms a group of its own)."""
+    """The group of this node group's instances of this analysis.
+
+    A node group names its run and the analysis (`ctx.run`, `ctx.analysis`): every instance of
+    one analysis in one node group joins one group, however many each worker makes (a worker
+    gives each open scan its own instance). Without them (a plugin driven by hand), the first
+    group with no live instance in this worker's slot (a second identical analysis, or a later
+    run in the same process, forms a group of its own)."""
+    if getattr(ctx, "run", ""):
+        key = ("run", ctx.run, ctx.analysis)
+        with _GROUPS_LOCK:
+            groups = _GROUPS.setdefault(key, [])
+            if not groups:
+                groups.append(_Group(ctx.threads))
+            group = groups[0]
+            group.members = {k: r for k, r in group.members.items() if r() is not None}
+            group.members[id(instance)] = weakref.ref(instance)
+            for k in [k for k, gs in _GROUPS.items() if k[0] == "run" and k != key
+                      and not any(r() is not None for g in gs for r in g.members.values())]:
+                del _GROUPS[k]  # runs whose instances are all gone
+            return group
     key = (ctx.node, ctx.replica, ctx.threads, instance.params.model_dump_json())
     with _GROUPS_LOCK:
         groups = _GROUPS.setdefault(key, [])

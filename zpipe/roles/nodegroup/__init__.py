@@ -138,9 +138,10 @@ class NodeGroup:
         if open_scans:
             self.meter.state, self.meter.scan = "streaming", open_scans[-1].id
         for st in open_scans:
-            expected = sum(s.done if s.done is not None else (s.expected or 0) for s in st.senders.values())
+            with rcv.lock:  # the receiving thread adds senders as their infos arrive
+                expected = sum(s.done if s.done is not None else (s.expected or 0) for s in st.senders.values())
+                through, left = rcv.state_of(st)
             self.meter.scans[st.id] = {"received": st.received, "expected": expected or None}
-            through, left = rcv.state_of(st)
             quiet = now - st.last > self.spec.scan_timeout
             if through or quiet:
                 self.close_scan(st, timed_out=not through, left=left)
@@ -153,7 +154,9 @@ class NodeGroup:
             log.warning("%s: scan %d went quiet for %.1f s with %d messages in and senders %s not through; "
                         "closing it with what arrived", rt.label, st.id, self.spec.scan_timeout, st.received,
                         sorted(s for s in self.plan.ng_senders if (st.senders.get(s) or _NO).done is None))
-        for s, snd in st.senders.items():
+        with self.receiver.lock:
+            senders = dict(st.senders)
+        for s, snd in senders.items():
             if snd.abandoned:
                 left[s] = "gave up on this node group mid-scan (it looked gone) and sent the rest elsewhere"
         for s, why in left.items():
@@ -179,6 +182,8 @@ class NodeGroup:
         self.closed_scans.append(st.id)
         self.bytes += st.bytes
         self.meter.scans[st.id] = {"received": st.received, "expected": part["sent"], "done": True}
+        while len(self.meter.scans) > 64:  # a long run: the status shows the last few
+            self.meter.scans.pop(next(iter(self.meter.scans)))
         self._meta.pop(st.id, None)
         self.meter.state = "idle"
 
@@ -245,13 +250,15 @@ class NodeGroup:
             return
         report = {"scan": st.id, "node_groups": sorted(shares), "complete": 0, "incomplete": 0, "received": 0,
                   "bytes": 0, "rejected": 0, "missing_parts": {}, "analyses": {}, "provisional": True}
-        for share in shares.values():
-            p = share.get("part") or {}
+        for share in shares.values():  # what each node group says of its part (for the file's own record)
+            p = share.get("part") if isinstance(share.get("part"), dict) else {}
             for k in ("complete", "incomplete", "received", "bytes", "rejected"):
-                report[k] += int(p.get(k) or 0)
-            report["missing_parts"].update(p.get("missing_parts") or {})
-            for n, figures in (p.get("analyses") or {}).items():
-                merge_figures(report["analyses"].setdefault(n, {}), figures)
+                report[k] += p[k] if type(p.get(k)) is int else 0
+            if isinstance(p.get("missing_parts"), dict):
+                report["missing_parts"].update(p["missing_parts"])
+            for n, figures in (p.get("analyses") if isinstance(p.get("analyses"), dict) else {}).items():
+                if isinstance(figures, dict):
+                    merge_figures(report["analyses"].setdefault(str(n), {}), figures)
         scan = Scan(st.id, dict(st.meta))
         for a in self.analyses:
             if not a.writes:

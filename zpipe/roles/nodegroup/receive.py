@@ -12,6 +12,7 @@ the worker is behind, so memory is bounded by settings, never by the scan.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from zpipe.scans import messages
 from zpipe.scans.messages import Rejected, Rejects, sender_of
 from zpipe.transport.inbox import Inbox
 
+log = logging.getLogger("zpipe.nodegroup")
 READY_MAX = 64  # complete items waiting for a worker, per worker
 # Items a worker's lane may hold waiting for their other parts (see must_wait): a part that
 # would start an item further ahead parks its socket (whose HWM then pushes back on the sector
@@ -30,6 +32,7 @@ IN_FLIGHT = 192
 FLOW_TIMEOUT = 5.0
 FLOW_STALL = 0.05
 PARK_POLL_MS = 2  # how often parked parts are looked at again
+WORKER_STUCK = 600.0  # s a part waits for a worker that takes nothing before parts are turned away
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Sender:
     accepted: int = 0
     rejected: int = 0
     abandoned: bool = False  # it gave up on us mid-scan (we looked gone) and sent the rest elsewhere
+    parts: set = field(default_factory=set)  # part numbers it carried (a sector's sender carries one)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class ScanState:
     overrides: int = 0  # parked parts let go by the safety net, not by the rule
     max_pending: int = 0  # most items that waited for parts at once, in one lane
     closed: bool = False  # set by the closing side: no part is filed any more
+    over: set = field(default_factory=set)  # part numbers that will not come (their senders are gone)
 
     @property
     def keys(self) -> tuple[int, int] | None:
@@ -96,7 +101,8 @@ class Lane:
         self.closed: set[int] = set()  # scans flushed: a late part is rejected, not assembled
         self.flushes: list[int] = []  # scans the worker is to close
         self.completed = 0  # items completed so far: flow control's sign of progress
-        self.ready = 0  # complete items not yet taken by the worker
+        self.ready = 0  # items ready for the worker (complete, or as complete as they will be), not yet taken
+        self.stuck = False  # the worker has taken nothing for WORKER_STUCK seconds
 
 
 class Receiver:
@@ -112,11 +118,13 @@ class Receiver:
         self.lock = threading.Lock()
         self.scans: dict[int, ScanState] = {}
         self.closed: dict[int, dict[str, int]] = {}  # closed scan -> late messages by reason
-        self.ended: set[str] = set()  # immediate senders that said `end`
+        self.ended: set[str] = set()  # immediate senders that said `end`, corroborated by their end record
+        self.claimed_end: set[str] = set()  # said `end`, not yet corroborated (an `end` alone may be forged)
         self.gone: dict[str, str] = {}  # immediate senders found gone -> why
         self.into: list[frozenset] = [frozenset(self.plan.senders_into(t)) for t in range(self.spec.threads)]
         self.finished = threading.Event()  # every sender ended or is gone
         self.messages = 0
+        self.carries: dict[str, set[int]] = {}  # immediate sender -> part numbers it has carried, any scan
 
     # -- the loop ------------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -129,29 +137,67 @@ class Receiver:
                 sock.close(linger=0)
 
     def tick(self, now: float) -> None:
-        """Notice upstream senders that are gone: they will send nothing more."""
+        """Notice upstream senders that are gone: they will send nothing more. The parts they carried
+        will not come: items that lack only those go to the workers now (zpipe.assemble.over)."""
+        newly = []
         for s, (node, replica) in self.plan.sender_nodes.items():
             if s not in self.ended and s not in self.gone:
                 why = self.rt.roster.departed(node, replica, self.pipe)
                 if why:
                     self.gone[s] = why
+                    newly.append(s)
+        for s in list(self.claimed_end):
+            node, replica = self.plan.sender_nodes[s]
+            if self.rt.roster.ended(node, replica, self.pipe):  # its own record corroborates its `end`
+                self.claimed_end.discard(s)
+                self.ended.add(s)
+                newly.append(s)
+        if newly:
+            self.parts_over()
         if all(s in self.ended or s in self.gone for s in self.plan.ng_senders):
             self.finished.set()
+
+    def over_for(self, st: "ScanState") -> set[int]:
+        """The part numbers that will not come for scan `st`: those only senders carried (in any scan)
+        that are gone or ended without their `done` for it. Under self.lock."""
+        live, dead = set(), set()
+        for s in self.plan.ng_senders:
+            snd = st.senders.get(s)
+            over = (snd is None or snd.done is None) and (s in self.gone or s in self.ended)
+            (dead if over else live).update(self.carries.get(s, ()))
+        return dead - live
+
+    def parts_over(self) -> None:
+        """Senders went: in every open scan, items that lack only their parts go to the workers now."""
+        with self.lock:
+            scans = list(self.scans.values())
+            for st in scans:
+                st.over = self.over_for(st)
+        for st in scans:
+            if not st.over:
+                continue
+            for lane in self.lanes:
+                with lane.cond:
+                    asm = lane.assemblers.get(st.id)
+                    if asm is not None and (went := asm.over(st.over)):
+                        lane.ready += went
+                        lane.cond.notify_all()
 
     # -- one message -----------------------------------------------------------------------------------
     def take(self, t: int, frames) -> Part | None:
         """Act on one message from socket t; a data part that must wait comes back (its socket parks)."""
         header = None
         try:
-            header = messages.decode(frames[0])
-            if header.get("pipe") != self.pipe:
-                raise Rejected("not this pipeline", f"pipe {str(header.get('pipe'))[:20]!r}")
+            header = messages.ours(frames[0], self.pipe)
             kind = header.get("type")
             if kind is None or kind == "data":
                 return self.data(t, header, frames)
             sender = header.get("sender")
             if not isinstance(sender, str) or sender not in self.into[t]:
                 raise Rejected("unknown sender", f"socket {t} hears only {sorted(self.into[t])}")
+            if kind != "end" and sender in self.claimed_end:  # it speaks after its `end`: not its own
+                self.claimed_end.discard(sender)
+                self.rejects.add("end contradicted by later messages", sender)
             if kind == "info":
                 self.info(header, frames, sender)
             elif kind == "done":
@@ -159,23 +205,26 @@ class Receiver:
             elif kind == "end":
                 self.end(sender)
             else:
-                raise Rejected("unknown message type", repr(kind)[:30])
+                raise Rejected("unknown message type", messages.brief(kind))
         except Rejected as exc:
-            self.rejects.reject(exc, sender_of(header))
+            self.rejects.reject(exc, sender_of(header or exc.header))
             self._attribute(header, exc.reason)
+        except Exception as exc:  # a shape no check foresaw: still rejected and counted, never a crash
+            self.rejects.add("malformed message", sender_of(header), exc.__class__.__name__)
         return None
 
     def _attribute(self, header, reason: str) -> None:
         """A rejected message that names one of our scans counts in that scan's account too."""
         if not isinstance(header, dict) or header.get("pipe") != self.pipe or type(header.get("scan")) is not int:
             return
-        scan = header["scan"]
+        scan, claimed = header["scan"], header.get("sender")
+        imm = (self.plan.via.get(claimed) or claimed) if isinstance(claimed, str) else None
+        if imm not in self.plan.ng_senders:
+            return  # not one of the scan's senders: the node's count, not the scan's
         with self.lock:
             st = self.scans.get(scan)
             if st is not None:
-                claimed = header.get("sender")
-                imm = (self.plan.via.get(claimed) or claimed) if isinstance(claimed, str) else None
-                st.reject(reason, st.senders.get(imm) if imm is not None else None)
+                st.reject(reason, st.senders.get(imm))
             elif scan in self.closed:
                 late = self.closed[scan]
                 late[reason] = late.get(reason, 0) + 1
@@ -191,7 +240,7 @@ class Receiver:
         st = self.scans.get(scan) if type(scan) is int else None
         if st is None:
             if type(scan) is not int:
-                raise Rejected("bad scan number", repr(scan)[:30])
+                raise Rejected("bad scan number", messages.brief(scan))
             raise Rejected("part after the scan closed" if scan in self.closed else "data for an unknown scan",
                            f"scan {scan}")
         snd = st.senders.get(imm)
@@ -202,11 +251,18 @@ class Receiver:
         k = header.get(self.spec.assemble.key)
         if type(k) is not int:
             raise Rejected("part without its key", f"no integer {self.spec.assemble.key!r}")
+        number = header.get(self.spec.assemble.part)
+        if type(number) is int and number not in snd.parts and len(snd.parts) < 64:
+            snd.parts.add(number)
+            self.carries.setdefault(imm, set()).add(number)
         if st.first_received is None:
             st.first_received = time.time()
         st.last = time.monotonic()
         w = (k // len(st.node_groups)) % len(self.lanes)  # keys come to us 1 in node_groups
         part = Part(frames, header, st, snd, origin, self.lanes[w], k)
+        if part.lane.stuck and part.lane.ready >= READY_MAX:
+            self._turn_away(part, "worker stuck")
+            return None
         if self.must_wait(part):
             st.held += 1
             part.since = part.still = time.monotonic()
@@ -224,14 +280,15 @@ class Receiver:
         expected = header.get("expected")
         if expected is not None:
             expected = messages.count(expected, "expected count")
-        if scan in self.closed:
-            raise Rejected("info for a closed scan", f"scan {scan}")
         if self.me not in ngs:
             raise Rejected("info for a scan of other node groups", f"scan {scan} is for {ngs}")
         with self.lock:
+            if scan in self.closed or scan in self.group.finals:
+                raise Rejected("info for a closed scan", f"scan {scan}")
             st = self.scans.get(scan)
             if st is None:
                 st = self.scans[scan] = ScanState(scan, list(ngs), meta)
+                st.over = self.over_for(st)  # senders already gone or ended carry nothing of it
                 self.group.opened(st)
             elif ngs != st.node_groups or meta.get("keys") != st.meta.get("keys"):
                 raise Rejected("info disagrees with the scan's", f"scan {scan}")
@@ -258,14 +315,14 @@ class Receiver:
             st.last = time.monotonic()
 
     def end(self, sender: str) -> None:
-        if sender in self.ended:
+        if sender in self.ended or sender in self.claimed_end:
             raise Rejected("second end")
         with self.lock:
             still = [st.id for st in self.scans.values()
                      if (snd := st.senders.get(sender)) is not None and snd.info and snd.done is None]
         if still:
             raise Rejected("end before done", f"scans {still} still open for this sender")
-        self.ended.add(sender)
+        self.claimed_end.add(sender)  # believed at the next tick, once its own end record is there
 
     # -- filing parts --------------------------------------------------------------------------------
     def place(self, p: Part) -> None:
@@ -279,12 +336,14 @@ class Receiver:
                     if st.closed or st.id in lane.closed:
                         raise Rejected("part after the scan closed", f"scan {st.id}")
                     asm = lane.assemblers[st.id] = Assembler(self.spec.assemble, self.spec.batch, key_range=st.keys)
+                    if st.over:
+                        asm.over(st.over)
                 elif st.closed:
                     raise Rejected("part after the scan closed", f"scan {st.id}")
                 if asm.add(p.header, p.frames[1].buffer):
                     lane.completed += 1
                     lane.ready += 1
-                    if len(asm.ready) >= self.spec.batch:
+                    if len(asm.ready) + len(asm.incomplete) >= self.spec.batch:
                         lane.cond.notify_all()
                 elif len(asm.pending) > st.max_pending:
                     st.max_pending = len(asm.pending)
@@ -294,11 +353,20 @@ class Receiver:
         except Rejected as exc:
             self.rejects.reject(exc, p.origin)
             with self.lock:
-                st.reject(exc.reason, p.sender)
+                if st.closed and st.id in self.closed:  # its part is made: count it where it still shows
+                    late = self.closed[st.id]
+                    late[exc.reason] = late.get(exc.reason, 0) + 1
+                else:
+                    st.reject(exc.reason, p.sender)
             return
         self.messages += 1
         self.meter.msgs_in += 1
         self.meter.bytes_in += nbytes
+
+    def _turn_away(self, p: Part, reason: str) -> None:
+        self.rejects.add(reason, p.origin)
+        with self.lock:
+            p.st.reject(reason, p.sender)
 
     def must_wait(self, p: Part) -> bool:
         """Flow control: wait while the worker is behind, or while this part's item is too far ahead.
@@ -326,7 +394,18 @@ class Receiver:
         lane = p.lane
         if not self.must_wait(p) or self.rt.stop.is_set():
             self.meter.blocked_s += now - p.since
+            lane.stuck = False
             self.place(p)
+            return True
+        if lane.ready >= READY_MAX and now - p.since > WORKER_STUCK:
+            # The worker has taken nothing for WORKER_STUCK seconds: an analysis hook that never
+            # returns. Its parts are turned away (counted) from now on; the scan closes by its counts.
+            if not lane.stuck:
+                lane.stuck = True
+                log.error("%s: a worker has taken no item for %.0f s (an analysis stuck in a hook?); its "
+                          "parts are turned away until it moves", self.rt.label, WORKER_STUCK)
+            self.meter.blocked_s += now - p.since
+            self._turn_away(p, "worker stuck")
             return True
         if lane.ready < READY_MAX:  # held for the items in flight, not for the worker
             if lane.completed != p.progress:
@@ -364,5 +443,5 @@ class Receiver:
         with self.lock:
             self.scans.pop(st.id, None)
             self.closed[st.id] = {}
-            while len(self.closed) > 1024:  # the oldest closed scans are forgotten; their late parts are 'unknown'
+            while len(self.closed) > 100_000:  # the oldest closed scans are forgotten; their late parts are 'unknown'
                 self.closed.pop(next(iter(self.closed)))

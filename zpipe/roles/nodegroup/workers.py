@@ -17,6 +17,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from zpipe import catalog
 from zpipe.assemble import Assembler
 from zpipe.plugin import Analysis, Batch, Context, Scan
@@ -45,6 +47,32 @@ def analysis_specs(spec) -> list[AnalysisSpec]:
         out.append(AnalysisSpec(name, cls, cls.Params.model_validate(a.params),
                                 getattr(cls.write, "__func__", None) is not Analysis.write.__func__))
     return out
+
+
+def travels(value: Any, *, arrays_ok: bool) -> Any:
+    """`value` as it can cross processes (msgpack): None or a dict of str keys; numpy scalars become
+    Python numbers; nested values plain. Arrays only at the top level of results. Else TypeError."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise TypeError(f"a {type(value).__name__}, where a dict of str keys (or None) goes")
+
+    def plain(v: Any, depth: int = 0) -> Any:
+        if depth > 32:
+            raise ValueError("a value nested more than 32 deep")
+        if isinstance(v, np.generic):
+            return v.item()
+        if v is None or isinstance(v, (bool, int, float, str, bytes)):
+            if isinstance(v, int) and not -2**63 <= v < 2**64:
+                raise ValueError(f"an integer of {v.bit_length()} bits")
+            return v
+        if isinstance(v, (list, tuple)):
+            return [plain(x, depth + 1) for x in v]
+        if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+            return {k: plain(x, depth + 1) for k, x in v.items()}
+        raise TypeError(f"a {type(v).__name__} that cannot travel between processes")
+
+    return {k: v if arrays_ok and isinstance(v, np.ndarray) else plain(v) for k, v in value.items()}
 
 
 @dataclass
@@ -142,17 +170,24 @@ class Workers:
 
     def close(self, asm: Assembler | None, aset: _Set, scan: Scan, w: int) -> dict[str, Any]:
         """The scan's last items (the incomplete ones), then `finish` and `results`: this worker's share."""
-        key = self.spec.assemble.key
         result: dict[str, Any] = {"complete": 0, "incomplete": 0, "missing_parts": {}, "seen": None,
                                   "analyses": {}, "results": {}}
         if asm is not None:  # the lane's lock is not needed: the scan is closed, no receiver adds to it
-            result["missing_parts"] = {str(it.header[key]): it.header["missing"] for it in asm.incomplete}
+            result["missing_parts"] = {str(k): v for k, v in asm.missing.items()}
             result["seen"] = asm.seen
             while (items := asm.take(force=True)) is not None:
                 self.process(asm, aset, scan, items)
             result["complete"], result["incomplete"] = asm.done_complete, asm.done_incomplete
         figures = self.call_all(aset, "finish", scan, scan)
         values = self.call_all(aset, "results", scan, scan)
+        for hook, got in (("finish", figures), ("results", values)):
+            for name, value in list(got.items()):
+                try:
+                    got[name] = travels(value, arrays_ok=hook == "results")
+                except (TypeError, ValueError) as exc:
+                    del got[name]
+                    if name not in aset.failures:
+                        aset.failures[name] = self.failed(name, hook, scan.id, TypeError(f"it returned {exc}"))
         for a in self.analyses:
             entry: dict[str, Any] = {"figures": figures.get(a.name) or {}, "writes": a.writes}
             if a.name in aset.failures:
@@ -179,8 +214,8 @@ class Workers:
                     lane.closed.add(scan_id)
                     asm = lane.assemblers.pop(scan_id, None)
                     if asm is not None:
+                        lane.ready -= len(asm.ready) + len(asm.incomplete)  # what was counted as ready
                         asm.flush()
-                        lane.ready -= len(asm.ready)
                     lane.cond.notify_all()
                     return scan_id, asm, None
                 for scan_id, asm in lane.assemblers.items():
