@@ -27,7 +27,7 @@ def third_party(where: Path, dist: str, version: str, entry_points: dict[str, st
     (info / "entry_points.txt").write_text(f"[zpipe.plugins]\n{lines}")
     for module, code in (modules or {}).items():
         (where / f"{module}.py").write_text(code)
-    return {"PYTHONPATH": str(where)}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(where), os.environ.get("PYTHONPATH")]))}
 
 
 def steady_topology(tmp_path) -> str:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from zpipe import arrays
+from zpipe import codec
 from zpipe.runtime import NodeRuntime
 from zpipe.scans.messages import Rejected, Rejects, brief
 from zpipe.topology import SocketSpec
 from zpipe.transport.outbox import Outbox, PeerGone
 
-Share = dict[str, Any]  # {"part": summary of the node group's part, "results": {analysis: [worker values]}}
+Share = dict[str, Any]  # {"part": summary of the node group's part, "results": {analysis: {"buffers", "parts"}}}
 SPEC = SocketSpec(pattern="push", hwm=100_000)
 
 
@@ -37,7 +37,9 @@ class ZmqGather:
         rt = self.rt
         if writer != rt.replica:
             return None, self._send(scan, writer, mine)
-        got = {rt.replica: mine}
+        # Our own share through the codec too, so the writer sees every node group's results alike
+        # (numpy scalars as numbers, tuples as lists), as with MPI.
+        got = {rt.replica: codec.decode(codec.encode(mine))}
         missing: dict[int, str] = {}
         pending = set(node_groups) - {rt.replica}
         deadline = time.monotonic() + self.timeout
@@ -72,30 +74,21 @@ class ZmqGather:
         return got, missing
 
     def _receive(self, frames, node_groups) -> None:
-        header = None
+        sender = None
         try:
-            header, values = arrays.unpack(frames)
-            if header.get("pipe") != self.rt.pipe:
+            msg = codec.decode(frames)
+            if not isinstance(msg, dict) or msg.get("pipe") != self.rt.pipe:
                 raise Rejected("not this pipeline")
-            scan, sender = header.get("scan"), header.get("from")
+            scan, sender, share = msg.get("scan"), msg.get("from"), msg.get("share")
             if (type(scan) is not int or type(sender) is not int or sender == self.rt.replica
                     or not 0 <= sender < self.rt.spec.replicas):
                 raise Rejected("bad results header", f"scan {brief(scan)} from {brief(sender)}")
+            if not isinstance(share, dict) or not isinstance(share.get("results"), dict):
+                raise Rejected("bad results message", f"scan {scan} from {sender}")
             if sender in self.complete.get(scan, ()):
-                raise Rejected("results after their end", f"scan {scan} from {sender}")
-            share = self.early.setdefault(scan, {}).setdefault(sender, {"part": None, "results": {}, "n": 0})
-            if header.get("end"):
-                part = header.get("part") if isinstance(header.get("part"), dict) else {}
-                if header.get("results") != share["n"]:  # a message of it lost, or one forged among them
-                    raise Rejected("results incomplete", f"scan {scan} from {sender}: {share['n']} of "
-                                                         f"{brief(header.get('results'))}")
-                share["part"] = part
-                self.complete.setdefault(scan, set()).add(sender)
-            elif isinstance(header.get("analysis"), str) and values is not None:
-                share["results"].setdefault(header["analysis"], []).append(values)
-                share["n"] += 1
-            else:
-                raise Rejected("bad results message")
+                raise Rejected("results twice", f"scan {scan} from {sender}")
+            self.early.setdefault(scan, {})[sender] = share
+            self.complete.setdefault(scan, set()).add(sender)
             # Shares of scans nobody collects yet (a peer far ahead, a stale sender): the oldest go,
             # never the one being collected.
             while len(self.early) > 64:
@@ -103,23 +96,16 @@ class ZmqGather:
                 self.early.pop(old)
                 self.complete.pop(old, None)
         except Rejected as exc:
-            sender = header.get("from") if isinstance(header, dict) else None
             self.rejects.reject(exc, brief(sender) if sender is not None else "unknown sender")
-        except Exception as exc:  # anything arrays.unpack cannot read
-            self.rejects.add("malformed results message", "unknown sender", exc.__class__.__name__)
+        except ValueError as exc:  # frames the codec refuses
+            self.rejects.add("malformed results message", "unknown sender", str(exc)[:200])
 
     def _send(self, scan: int, writer: int, mine: Share) -> dict[int, str]:
         rt = self.rt
         if self.outbox is None:
             self.outbox = Outbox(rt, "results", rt.name, "results", spec=SPEC)
-        meta = {"pipe": rt.pipe, "scan": scan, "from": rt.replica}
         try:
-            n = 0
-            for name, parts in mine["results"].items():
-                for values in parts:
-                    self.outbox.send(writer, arrays.pack({**meta, "analysis": name}, values))
-                    n += 1
-            self.outbox.send(writer, arrays.pack({**meta, "end": True, "results": n, "part": mine["part"]}, None))
+            self.outbox.send(writer, codec.encode({"pipe": rt.pipe, "scan": scan, "from": rt.replica, "share": mine}))
         except PeerGone as exc:
             return {writer: f"our results could not reach the writer: {exc}"}
         return {}
@@ -136,10 +122,12 @@ class MpiGather:
         self.comm = comm
 
     def collect(self, scan: int, node_groups: list[int], writer: int, mine: Share):
-        everything = self.comm.gather(mine, root=node_groups[0])
+        # The same codec as over ZeroMQ (so what travels is the same on both): MPI moves the bytes.
+        frames = [bytes(f) for f in codec.encode(mine)]
+        everything = self.comm.gather(frames, root=node_groups[0])
         if everything is None:
             return None, {}
-        return {r: share for r, share in enumerate(everything) if share is not None}, {}
+        return {r: codec.decode(f) for r, f in enumerate(everything) if f is not None}, {}
 
     def close(self) -> None:
         pass

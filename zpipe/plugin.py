@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Analysis", "Batch", "Context", "Message", "Params", "Plugin", "Recorder", "Scan", "Source", "Stage"]
+__all__ = ["Analysis", "Batch", "Buffer", "Context", "Message", "Params", "Plugin", "Recorder", "Scan", "ScanResults",
+           "Source", "Stage", "per_pixel", "per_position"]
 
 
 class Params(BaseModel):
@@ -41,12 +43,21 @@ class Message:
         return memoryview(self.payload).nbytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Scan:
-    """One acquisition: an id unique within a run, and what the source knows about it."""
+    """One acquisition: an id unique within a run, and what the source knows about it.
+
+    A source that knows where its items sit puts a `geometry` in `meta` (zpipe.geometry): the
+    scan's shape and how an item maps to a scan position; analyses read `scan.geometry`."""
 
     id: int
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def geometry(self):
+        from zpipe.geometry import Geometry
+
+        return Geometry.from_meta(self.meta)
 
 
 @dataclass
@@ -135,30 +146,42 @@ class Stage(Plugin[P]):
 
 
 class Batch:
-    """Assembled items of one scan, stacked: `data[i]` is the item whose header is `headers[i]`.
+    """Assembled items of one scan, stacked: `data[i]` is the item whose header is `headers[i]`,
+    at scan position `positions[i]`.
 
     Each header carries the first part's fields plus `complete` (all parts arrived) and
-    `missing` (the part numbers that did not, zero-filled in `data`).
+    `missing` (the part numbers that did not, zero-filled in `data`). `positions` are flat
+    indices (row-major) into the scan's shape (`scan.geometry`), -1 for an item the source's
+    geometry does not place; an analysis never reads a detector's header names to place a frame.
 
     `data` is stacked from the received parts when it is first asked for (one copy; an
     analysis that only reads headers costs none) into a buffer the node group reuses: it is
     valid during `process` only, so copy what you keep.
     """
 
-    __slots__ = ("scan", "headers", "_data", "_stack")
+    __slots__ = ("scan", "headers", "_data", "_stack", "_positions")
 
     def __init__(self, scan: Scan, data: np.ndarray | None = None, headers: list[dict[str, Any]] | None = None,
-                 stack: Callable[[], np.ndarray] | None = None):
+                 stack: Callable[[], np.ndarray] | None = None, positions: np.ndarray | None = None):
         if data is None and stack is None:
             raise ValueError("a Batch needs its data or a way to stack it")
         self.scan, self.headers = scan, headers if headers is not None else []
         self._data, self._stack = data, stack
+        self._positions = positions
 
     @property
     def data(self) -> np.ndarray:
         if self._data is None:
             self._data, self._stack = self._stack(), None
         return self._data
+
+    @property
+    def positions(self) -> np.ndarray:
+        if self._positions is None:
+            g = self.scan.geometry
+            self._positions = (g.positions(self.headers) if g is not None
+                               else np.full(len(self.headers), -1, np.int64))
+        return self._positions
 
     def __len__(self) -> int:
         return len(self.headers)
@@ -171,36 +194,102 @@ class Batch:
         return np.fromiter((h["complete"] for h in self.headers), bool, len(self.headers))
 
 
+@dataclass(frozen=True)
+class Buffer:
+    """A result an analysis declares and the framework owns: allocated per scan, filled, merged
+    across workers and node groups, marked where positions never arrived, and written.
+
+    * `per_position(dtype, shape)`: one value (of `shape`) per scan position. In `process`,
+      `out[name]` holds one row per item of the batch (zeros); what the analysis puts there is
+      placed at the items' positions. Positions no item reached stay unreceived (NaN in float
+      buffers when written, and in the `received` mask).
+    * `per_pixel(dtype)`: one value per detector pixel (the item's shape), summed over the scan:
+      `out[name]` is this worker's running sum; the framework adds workers and node groups up.
+    """
+
+    kind: str  # "position" or "pixel"
+    dtype: str = "float64"
+    shape: tuple[int, ...] = ()
+
+
+def per_position(dtype: str = "float64", shape: tuple[int, ...] = ()) -> Buffer:
+    return Buffer("position", str(np.dtype(dtype)), tuple(shape))
+
+
+def per_pixel(dtype: str = "float64") -> Buffer:
+    return Buffer("pixel", str(np.dtype(dtype)))
+
+
+@dataclass
+class ScanResults:
+    """What a scan's writer gets: the merged buffers, which positions arrived, and every worker's `results`."""
+
+    scan: Scan
+    buffers: dict[str, np.ndarray]
+    received: np.ndarray | None  # bool per position (None without per-position buffers)
+    parts: list[Any]  # each worker's `results(scan)`, of every node group
+
+    def filled(self) -> dict[str, np.ndarray]:
+        """The buffers with unreceived positions set to NaN (float buffers) for saving or display."""
+        out = {}
+        for name, a in self.buffers.items():
+            if self.received is not None and a.dtype.kind in "fc" and a.shape[:1] == self.received.shape[:1] \
+                    and not self.received.all():
+                a = a.copy()
+                a[~self.received] = np.nan
+            out[name] = a
+        return out
+
+
 class Analysis(Plugin[P]):
     """Runs in a node group's workers on batches of assembled items (frames), scan by scan.
 
-    One instance per worker thread: state kept on `self` is per worker; `finish` returns
-    what this worker found, and the node group adds the figures up.
+    The node group gives each scan its own instance per worker (never two scans at once):
+    `begin`, `process` for every batch, `finish`. Results come two ways:
+    * buffers the analysis declares (`buffers`, see `Buffer`): the framework allocates, fills
+      (`process(batch, out)`), merges and writes them: no merge or file code in the analysis;
+    * `finish` returns figures that add up (counts, sums), and `results` anything else a custom
+      `write` needs (it travels with zpipe.codec: numbers, strings, lists, dicts, numpy arrays).
+    `write` runs once per scan where all node groups' results meet, on an instance made with the
+    analysis's own params (no `setup`). See docs/analyses.md.
     """
 
     kind = "analysis"
 
+    def buffers(self, scan: Scan) -> dict[str, Buffer]:
+        """The result buffers this analysis fills for `scan` (by name): per position, per pixel."""
+        return {}
+
     def begin(self, scan: Scan) -> None:
         """Before the first batch of a scan."""
 
-    def process(self, batch: Batch) -> None:
+    def process(self, batch: Batch, out: dict[str, np.ndarray] | None = None) -> None:
         raise NotImplementedError
 
     def finish(self, scan: Scan) -> dict[str, Any] | None:
+        """After the last batch of a scan; figures that add up over workers and node groups."""
         return None
 
-    def results(self, scan: Scan) -> dict[str, Any] | None:
-        """This worker's results for `scan` (numpy arrays and plain values), after `finish`.
-
-        The node groups ship every worker's results to one place (over ZeroMQ, or with
-        MPI when run under mpiexec) and call `write` there once per scan.
-        """
+    def results(self, scan: Scan) -> Any:
+        """This worker's results for `scan` beyond the buffers, for a custom `write`, after `finish`."""
         return None
 
-    @classmethod
-    def write(cls, scan: Scan, parts: list[dict[str, Any]], report: dict[str, Any], output_dir: str) -> str | None:
-        """Combine every worker's `results` into the scan's output file; return its path."""
-        return None
+    def write(self, scan: Scan, results: ScanResults, report: dict[str, Any], output_dir: str) -> str | None:
+        """The scan's output file; by default, the buffers (unreceived positions NaN) and the
+        `received` mask as `scan_{id}_{name}.npz`, or nothing without buffers. Returns its path."""
+        if not results.buffers:
+            return None
+        import os
+
+        name = getattr(self, "name", "") or type(self).__name__.lower()
+        path = os.path.join(output_dir, f"scan_{scan.id}_{name}.npz")
+        tmp = f"{path}.partial.npz"
+        arrays = results.filled()
+        if results.received is not None:
+            arrays["received"] = results.received
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        return path
 
 
 KINDS = {"source": Source, "stage": Stage, "analysis": Analysis}

@@ -16,7 +16,7 @@ from zpipe.view import Display, Tracker, render, to_json
 def run(args) -> int:
     try:
         # Only the subtrees the view reads: endpoints and flow keys would be traffic for nothing.
-        kv = KVClient(args.registry, subtrees=("status/", "scans/"), name="zpipe-status",
+        kv = KVClient(args.registry, subtrees=("status/", "scans/", "preview/"), name="zpipe-status",
                       connect_timeout=args.connect_timeout).start()
     except (TimeoutError, RuntimeError) as exc:
         print(f"zpipe status: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -16,6 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from zpipe import preview
 from zpipe.status import PREFIX
 
 ROLE_ORDER = ("source", "producer", "aggregator", "stage", "nodegroup")
@@ -103,6 +105,7 @@ class Picture:
     scans: list[ScanView]
     warnings: list[str]
     time: float = field(default_factory=time.time)
+    previews: dict = field(default_factory=dict)  # scan -> {analysis.buffer: grid}, see zpipe.preview
 
 
 class Tracker:
@@ -120,10 +123,11 @@ class Tracker:
         self._scans: dict[str, dict] = {}
         self._expected: dict[str, Row] = {}  # replicas the runner started, shown before they publish
         self.ignored = 0  # status values of the wrong shape, not shown
+        self._previews: dict[str, Any] = {}  # preview/{scan}/{analysis.buffer}/{replica} -> grid
 
     def attach(self, kv) -> "Tracker":
         kv.on_change(self.on_change)  # before the copy, so nothing falls between the two
-        for prefix in (PREFIX, "scans/"):
+        for prefix in (PREFIX, "scans/", preview.PREFIX):
             for k, v in kv.items(prefix).items():
                 self.on_change(k, v)
         return self
@@ -132,6 +136,13 @@ class Tracker:
         self._expected[f"{PREFIX}{node}/{replica}"] = Row(node, role, host, "starting", replica)
 
     def on_change(self, key: str, value: Any) -> None:
+        if key.startswith(preview.PREFIX):
+            with self._lock:
+                if value is None:
+                    self._previews.pop(key, None)
+                elif (grid := preview.grid_of(value)) is not None:
+                    self._previews[key] = grid
+            return
         if key.startswith("scans/"):
             with self._lock:
                 if value is None:
@@ -182,7 +193,16 @@ class Tracker:
         except Exception:
             self.ignored += 1
             warnings = []
-        return Picture(ordered, scans, warnings)
+        with self._lock:
+            grids = dict(self._previews)
+        by: dict[int, dict[str, list]] = {}
+        for key, grid in grids.items():
+            parts = key.split("/")  # preview/{scan}/{analysis.buffer}/{replica}
+            if len(parts) == 4 and parts[1].isdigit():
+                by.setdefault(int(parts[1]), {}).setdefault(parts[2], []).append(grid)
+        previews = {scan: {name: preview.combine(gs) for name, gs in sorted(names.items())}
+                    for scan, names in sorted(by.items())}
+        return Picture(ordered, scans, warnings, previews=previews)
 
     def _sort_key(self, row: Row):
         role = ROLE_ORDER.index(row.role) if row.role in ROLE_ORDER else len(ROLE_ORDER)
@@ -422,6 +442,26 @@ def render(p: Picture, title: str = "", width: int = 80, height: int | None = No
             when = f"{_clock(s.eta)} left" if s.eta is not None else f"{s.elapsed:.1f} s" if s.elapsed else ""
             grid.add_row(f"scan {s.scan}", s.status, bar, _progress(s), f"{_n(s.rate)}/s" if s.rate else "", when)
         parts.append(grid)
+    if p.previews:
+        scan = max(p.previews)  # the latest scan's pictures, side by side as the width allows
+        shown = Table.grid(padding=(0, 2))
+        cells = []
+        used = 0
+        for name, grid in p.previews[scan].items():
+            if grid is None or used + grid.shape[1] + 2 > width:
+                continue
+            used += max(grid.shape[1], len(name)) + 2
+            picture = Text(f"{name}\n", style="dim", no_wrap=True, overflow="ellipsis")
+            for line in preview.halfblocks(grid):
+                for ch, style in line:
+                    picture.append(ch, style=style)
+                picture.append("\n")
+            cells.append(picture)
+        if cells:
+            for _ in cells:
+                shown.add_column(no_wrap=True)
+            shown.add_row(*cells)
+            parts += [Text(f"scan {scan}, as it builds up:", style="bold"), shown]
     if p.warnings:
         parts.append(Text("warnings:", style="yellow"))
         parts += [Text(f"  {w}", no_wrap=True, overflow="ellipsis") for w in p.warnings]
@@ -455,7 +495,10 @@ def to_json(p: Picture) -> dict[str, Any]:
               "rate": None if s.rate is None else round(s.rate, 3),
               "eta_s": None if s.eta is None else round(s.eta, 1),
               "elapsed_s": None if s.elapsed is None else round(s.elapsed, 3)} for s in p.scans]
-    return {"time": p.time, "nodes": nodes, "scans": scans, "warnings": p.warnings}
+    previews = {str(scan): {name: None if g is None else [[None if not np.isfinite(v) else round(float(v), 6)
+                                                          for v in row] for row in g]
+                            for name, g in names.items()} for scan, names in p.previews.items()}
+    return {"time": p.time, "nodes": nodes, "scans": scans, "warnings": p.warnings, "previews": previews}
 
 
 # -- on screen ---------------------------------------------------------------------------------

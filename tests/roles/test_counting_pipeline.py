@@ -72,3 +72,39 @@ def test_mpi_and_plain_runs_write_the_same_file_that_stempy_loads_and_agrees_wit
         assert np.array_equal(np.sort(ours), np.sort(expected)), f"frame {i}"
         total += len(expected)
     assert total == a["report"]["analyses"]["electron-count"]["events"] > 0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("electrons, background", [(0, 1000.0), (0.3, 30.0)], ids=["dark", "some-empty-frames"])
+def test_a_dark_scan_and_empty_frames_are_written_and_stempy_agrees(tmp_path, electrons, background):
+    """A dark scan (no event in any frame) and one where many frames are empty: the file is written,
+    stempy loads it, and the events are stempy's own (none, where there are none)."""
+    stempy_io = pytest.importorskip("stempy.io")
+    stempy_image = pytest.importorskip("stempy.image")
+    from zpipe_4dcamera.simulate import SimulatedCamera
+
+    text = Path(counting_topology(tmp_path)).read_text()
+    text = text.replace("xray_probability: 0.2", f"xray_probability: 0\n      electrons_per_frame: {electrons}")
+    text = text.replace(f"background_threshold: {BACKGROUND}", f"background_threshold: {background}")
+    path = tmp_path / "dark.yaml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    res = zpipe("run", str(path), "--output-dir", str(out), timeout=170)
+    assert res.returncode == 0, res.stderr
+    h5 = out / "scan_1_electrons.h5"
+    loaded = stempy_io.load_electron_counts(str(h5))
+    assert tuple(loaded.scan_shape) == (16, 16)
+    cam = SimulatedCamera(scan_shape=(16, 16), electrons_per_frame=electrons, xray_probability=0, seed=1,
+                          first_frame=1000)
+    empty = 0
+    for i in range(cam.n_frames):
+        x, y = cam.scan_position(i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = stempy_image.electron_count_frame(cam.frame(i), background_threshold=background,
+                                                       xray_threshold=XRAY)
+        expected = np.sort(np.asarray(theirs.data[0, 0], np.uint32))
+        ours = np.sort(np.asarray(loaded.data[y * 16 + x, 0], np.uint32))
+        assert np.array_equal(ours, expected), f"frame {i}"
+        empty += len(expected) == 0
+    assert empty == cam.n_frames if electrons == 0 else 0 < empty < cam.n_frames

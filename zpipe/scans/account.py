@@ -319,6 +319,10 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
     writers = {n for p in parts.values() for n, a in (p.get("analyses") or {}).items() if a.get("writes")}
     for name in sorted(writers):
         out = outputs.get(name)
+        if out and isinstance(out.get("positions"), int):  # per-position buffers: which positions arrived
+            a = rep["analyses"].setdefault(name, {})
+            a["positions"], a["positions_received"] = out["positions"], out.get("positions_received")
+            a["positions_missing"] = out.get("positions_missing") or []
         if out and out.get("path"):
             rep["outputs"][name] = out["path"]
             lacking = [r for r in parts if r not in (out.get("node_groups") or [])]

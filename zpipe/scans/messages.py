@@ -120,6 +120,13 @@ def meta(value: Any) -> dict:
         if (not isinstance(keys, list) or len(keys) != 2 or type(keys[0]) is not int or type(keys[1]) is not int
                 or not 0 <= keys[0] <= 2**62 or not 0 <= keys[1] <= MAX_ITEMS):
             raise Rejected("bad meta.keys", brief(keys, 60))
+    if value.get("geometry") is not None:
+        from zpipe.geometry import Geometry, GeometryError
+
+        try:
+            Geometry.from_meta(value)
+        except (GeometryError, TypeError) as exc:
+            raise Rejected("bad meta.geometry", str(exc)[:80]) from None
     return value
 
 

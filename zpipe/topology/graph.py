@@ -107,8 +107,16 @@ def _check_role_and_plugin(report: "Report", base, node: NodeSpec) -> None:
     if role.analyses:
         if not node.analyses:
             report.add(base, f"role {role.name!r} needs at least one entry in `analyses`", at_key=True)
+        first: dict[str, int] = {}
         for i, a in enumerate(node.analyses):
             _check_plugin(report, (*base, "analyses", i), a.plugin, a.params, "analysis", role.name)
+            if a.label in first:
+                line = report.parsed.positions.of((*base, "analyses", first[a.label]))[0] if report.parsed else "?"
+                report.add((*base, "analyses", i, "name") if a.name else (*base, "analyses", i, "plugin"),
+                           f"a second analysis named {a.label!r} (the first is at line {line}); give each a "
+                           f"distinct `name`: outputs and reports are keyed by it")
+            else:
+                first[a.label] = i
     elif node.analyses:
         report.add((*base, "analyses"), f"role {role.name!r} runs no analyses")
 

@@ -119,10 +119,18 @@ class SocketSpec(Strict):
 
 
 class AnalysisSpec(Strict):
-    """One analysis a node group runs on every assembled item (several may share one stream)."""
+    """One analysis a node group runs on every assembled item (several may share one stream).
+
+    `name` keys its figures, outputs and report entry; it defaults to the plugin's name, so one
+    plugin listed twice (two virtual detectors, say) needs a name for at least one of them."""
 
     plugin: str
     params: dict[str, Any] = Field(default_factory=dict)
+    name: Name | None = Field(None, description="the analysis's name in the node group (default: the plugin's)")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.plugin
 
 
 class AssembleSpec(Strict):

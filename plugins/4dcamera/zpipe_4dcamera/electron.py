@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from zpipe.plugin import Analysis, Batch, Context, Params, Scan
+from zpipe.plugin import Analysis, Batch, Context, Params, Scan, ScanResults
 
 from . import FRAME_SHAPE
 from .counting import count_frames_serial, gain_multiplier
@@ -270,10 +270,9 @@ class ElectronCounting(Analysis):
         cf = self.counted(scan)
         return None if cf is None else {**cf.arrays(), "meta": cf.meta}
 
-    @classmethod
-    def write(cls, scan: Scan, parts: list[dict[str, Any]], report: dict[str, Any], output_dir: str) -> str | None:
+    def write(self, scan: Scan, results: ScanResults, report: dict[str, Any], output_dir: str) -> str | None:
         """One stempy version-3 file per scan, from every worker of every node group."""
-        counted = [CountedFrames.from_arrays(p, p["meta"]) for p in parts if p]
+        counted = [CountedFrames.from_arrays(p, p["meta"]) for p in results.parts if p]
         counted = [c for c in counted if len(c)]
         if not counted:
             return None

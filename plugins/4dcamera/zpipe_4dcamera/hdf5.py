@@ -170,7 +170,9 @@ def write_electron_counts(path: str | os.PathLike, scan_shape: tuple[int, int], 
             sp.attrs["Nx"], sp.attrs["Ny"] = width, height
             frames = group.create_dataset("frames", (len(entries),), dtype=h5py.vlen_dtype(np.uint32))
             frames.attrs["Nx"], frames.attrs["Ny"] = int(frame_shape[0]), int(frame_shape[1])
-            frames[...] = entries
+            # The low-level write: h5py's own (frames[...] = entries) turns a list of equal-length event
+            # arrays (every frame empty: a dark scan) into a 2-D array and fails to broadcast it.
+            frames.id.write(h5py.h5s.ALL, h5py.h5s.ALL, entries)
             counting = f.create_group("metadata/electron_counting")
             for k, v in thresholds_attrs.items():
                 counting.attrs[k] = v

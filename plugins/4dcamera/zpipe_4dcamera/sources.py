@@ -11,12 +11,20 @@ import numpy as np
 
 from pydantic import Field
 
+from zpipe.geometry import Geometry
 from zpipe.plugin import Context, Message, Params, Scan, Source
 
 from . import SECTOR_SHAPE, SECTORS
 from .rawfile import (BadRecord, SectorFileWriter, describe_bad, manifest_path, module_of, read_headers, read_manifest,
                       read_sectors, scan_files, scan_numbers, write_manifest)
 from .simulate import SimulatedCamera
+
+
+def geometry(scan_shape) -> dict:
+    """A 4D-Camera scan's geometry: (height, width) positions, each frame placed by its header's
+    scan_y and scan_x (so replayed, reordered or lost frames land where they belong)."""
+    width, height = scan_shape
+    return Geometry((int(height), int(width)), fields=("scan_y", "scan_x")).meta()
 
 
 def _my_sectors(ctx: Context, chosen: list[int] | None) -> list[int]:
@@ -69,7 +77,7 @@ class CameraSource(Source):
         for i in range(p.scans):
             yield Scan(p.first_scan + i, {"scan_shape": list(p.scan_shape), "keys": [p.first_frame, n],
                                           "frames": n, "sectors": SECTORS, "parts_per_item": SECTORS,
-                                          "seed": p.seed + p.first_scan + i})
+                                          "geometry": geometry(p.scan_shape), "seed": p.seed + p.first_scan + i})
 
     def _frames(self, scan: Scan, thread: int, threads: int) -> range:
         return range(thread, self.camera(scan).n_frames, threads)
@@ -200,8 +208,13 @@ class RawFileSource(Source):
             if manifest:
                 meta["scan_shape"] = manifest["scan_shape"]
                 meta["frames"] = manifest["scan_shape"][0] * manifest["scan_shape"][1]
+                meta["geometry"] = geometry(manifest["scan_shape"])
+                meta["parts_per_item"] = SECTORS
                 if manifest["frame_numbers"]:
                     meta["frame_numbers"] = manifest["frame_numbers"]
+                    first, last = manifest["frame_numbers"]
+                    if last - first + 1 == meta["frames"]:  # one frame per position: the scan's key range
+                        meta["keys"] = [first, meta["frames"]]
             yield Scan(number, meta)
 
     def _files(self, scan: Scan, thread: int, threads: int) -> list[Path]:

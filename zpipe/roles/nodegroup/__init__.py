@@ -20,14 +20,17 @@ import threading
 import time
 from typing import Any
 
-from zpipe import flow
+import numpy as np
+
+from zpipe import flow, preview
 from zpipe.gather import MpiGather, ZmqGather
-from zpipe.plugin import Scan
+from zpipe.plugin import Scan, ScanResults
+from zpipe.results import ResultBuffers
 from zpipe.roles.nodegroup.receive import READY_MAX, Lane, Receiver, ScanState
 from zpipe.roles.nodegroup.workers import Workers, analysis_specs
 from zpipe.runtime import NodeRuntime
 from zpipe.scans import record
-from zpipe.scans.account import KeySet, merge_figures
+from zpipe.scans.account import KeySet, merge_figures, ranges
 
 log = logging.getLogger("zpipe.nodegroup")
 PROGRESS_EVERY = 1.0  # s between the parts published while a scan is open
@@ -54,6 +57,7 @@ class NodeGroup:
         self._results: dict[int, dict[int, dict]] = {}  # scan -> worker -> its share
         self._results_cond = threading.Condition()
         self.finals: dict[int, dict] = {}  # closed scan -> our final part (republished with late messages)
+        self.preview_keys: dict[int, set[str]] = {}  # scan -> the preview keys we published
         self._persist_failed = False
         self.closed_count = 0
         self.closed_scans: list[int] = []
@@ -90,7 +94,7 @@ class NodeGroup:
         receiver = threading.Thread(target=guarded, args=(self.receiver.serve,), name="recv", daemon=True)
         for th in (*workers, receiver):
             th.start()
-        last_progress = previous = 0.0
+        last_progress = last_preview = previous = 0.0
         try:
             while not self.rt.stop.is_set():
                 now = time.monotonic()
@@ -104,6 +108,9 @@ class NodeGroup:
                 if now - last_progress >= PROGRESS_EVERY:
                     last_progress = now
                     self.publish_progress()
+                if self.rt.topology.status.interval and now - last_preview >= self.rt.topology.status.interval:
+                    last_preview = now
+                    self.publish_previews()
                 with self.receiver.lock:
                     still_open = bool(self.receiver.scans)
                 if not receiver.is_alive() and not still_open:
@@ -168,8 +175,11 @@ class NodeGroup:
                 lane.cond.notify_all()
         shares = self._await_workers(st.id)
         part = self.part(st, shares, timed_out, left)
-        results = {a.name: [s["results"][a.name] for s in shares.values() if a.name in s["results"]]
+        results = {a.name: merged([s["results"][a.name] for s in shares.values() if a.name in s["results"]])
                    for a in self.analyses if a.writes}
+        if self.rt.topology.status.interval:
+            for name, r in results.items():  # the scan's last picture, whole
+                self.preview(st.id, st.meta, name, [r["buffers"]])
         if self.gather is not None:
             self.meter.state = "writing"
             self.write(st, part, results)
@@ -243,7 +253,9 @@ class NodeGroup:
             writer = alive[0] if alive else rt.replica
         summary = {k: part[k] for k in ("complete", "incomplete", "received", "bytes", "rejected", "missing_parts")}
         summary["analyses"] = {n: a["figures"] for n, a in part["analyses"].items()}
-        shares, missing = self.gather.collect(st.id, st.node_groups, writer, {"part": summary, "results": results})
+        mine = {"part": summary, "results": {name: {"buffers": r["buffers"].share() if r["buffers"] else None,
+                                                    "parts": r["parts"]} for name, r in results.items()}}
+        shares, missing = self.gather.collect(st.id, st.node_groups, writer, mine)
         if missing:
             part.setdefault("gather", {}).update({str(g): why for g, why in missing.items()})
         if shares is None:  # not the writer
@@ -263,10 +275,17 @@ class NodeGroup:
         for a in self.analyses:
             if not a.writes:
                 continue
-            gathered = [v for share in shares.values() for v in (share.get("results") or {}).get(a.name, [])]
             out: dict[str, Any] = {"node_groups": sorted(shares), "writer": rt.replica}
             try:
-                path = a.cls.write(scan, gathered, report, rt.output_dir)
+                res = merged([share["results"][a.name] for share in shares.values()
+                              if isinstance(share.get("results"), dict) and a.name in share["results"]])
+                bufs = res["buffers"]
+                results = ScanResults(scan, dict(bufs.arrays) if bufs else {}, bufs.received if bufs else None,
+                                      res["parts"])
+                if results.received is not None:
+                    out["positions"], out["positions_received"] = len(results.received), int(results.received.sum())
+                    out["positions_missing"] = ranges(np.flatnonzero(~results.received).tolist())[:10_000]
+                path = a.make().write(scan, results, report, rt.output_dir)
                 out.update(path=str(path) if path else None, empty=not path)
             except Exception as exc:
                 log.exception("%s: analysis %r failed to write scan %d", rt.label, a.name, st.id)
@@ -297,6 +316,41 @@ class NodeGroup:
                 self._persist_failed = True
                 log.error("%s: cannot keep scan parts in %s: %s", self.rt.label, self.rt.output_dir, exc)
 
+    def publish_previews(self) -> None:
+        """Small pictures of the per-position buffers of the scans under way (zpipe.preview)."""
+        live: dict[int, dict[str, list]] = {}
+        for (scan, _w), bufs in list(self.workers.live.items()):
+            for name, b in list(bufs.items()):
+                live.setdefault(scan, {}).setdefault(name, []).append(b)
+        for scan, by_analysis in live.items():
+            for name, sets in by_analysis.items():
+                self.preview(scan, self.meta_of(scan), name, sets)
+
+    def preview(self, scan: int, meta: dict, name: str, sets: list) -> None:
+        """Publish one analysis's per-position buffers of one scan as small pictures (its workers' sets)."""
+        geometry = Scan(scan, meta).geometry
+        sets = [b for b in sets if b is not None and b.received is not None]
+        if geometry is None or not sets or sets[0].received.shape != (geometry.positions_count,):
+            return
+        received = np.zeros(geometry.positions_count, bool)
+        for b in sets:
+            received |= b.received
+        keys = self.preview_keys.setdefault(scan, set())
+        for buf, kind in sets[0].kinds.items():
+            if kind != "position" or sets[0].arrays[buf].ndim != 1:
+                continue
+            values = np.zeros(geometry.positions_count)
+            for b in sets:  # each worker's positions are its own
+                values = np.where(b.received, b.arrays[buf], values)
+            grid = preview.shrink(values, received, geometry.shape)
+            if grid is not None:
+                key = f"{preview.PREFIX}{scan}/{name}.{buf}/{self.rt.replica}"
+                self.rt.kv.set(key, preview.value(grid), ttl=preview.TTL)
+                keys.add(key)
+        while len(self.preview_keys) > 4:  # the pictures of the last few scans stay, older ones go
+            for key in self.preview_keys.pop(next(iter(self.preview_keys))):
+                self.rt.kv.delete(key)
+
     def publish_progress(self) -> None:
         """Open scans' running counts, and closed scans that turned away late messages since."""
         rcv = self.receiver
@@ -314,6 +368,24 @@ class NodeGroup:
             if part is not None and part.get("late") != counts:
                 part["late"] = counts
                 self.publish_part(scan, part)
+
+
+def merged(entries: list) -> dict[str, Any]:
+    """Workers' (or node groups') results of one analysis as one: buffers merged, parts listed."""
+    bufs, parts = None, []
+    for e in entries:
+        if not isinstance(e, dict):
+            raise ValueError("results of the wrong shape")
+        b = e.get("buffers")
+        if b is not None and not isinstance(b, ResultBuffers):
+            b = ResultBuffers.from_share(b)  # as it crossed the network
+        if b is not None:
+            if bufs is None:
+                bufs = b
+            else:
+                bufs.merge(b)
+        parts.extend(e.get("parts") or [])
+    return {"buffers": bufs, "parts": parts}
 
 
 class _NoSender:

@@ -17,11 +17,14 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import inspect
+
 import numpy as np
 
-from zpipe import catalog
+from zpipe import catalog, codec
 from zpipe.assemble import Assembler
 from zpipe.plugin import Analysis, Batch, Context, Scan
+from zpipe.results import ResultBuffers
 from zpipe.roles.nodegroup.receive import Lane
 
 log = logging.getLogger("zpipe.nodegroup")
@@ -35,18 +38,34 @@ class AnalysisSpec:
     name: str
     cls: type
     params: Any
-    writes: bool
+    writes: bool  # its results meet at the scan's writer: it declares buffers, or writes a file of its own
+    takes_out: bool  # its `process` takes the buffers (`process(batch, out)`)
+
+    def make(self):
+        """An instance with its params and its name (as `write` runs on, with no setup)."""
+        p = self.cls(self.params)
+        p.name = self.name
+        return p
 
 
 def analysis_specs(spec) -> list[AnalysisSpec]:
-    out, seen = [], {}
+    out = []
     for a in spec.analyses:
         cls = catalog.get(a.plugin)
-        n = seen[a.plugin] = seen.get(a.plugin, 0) + 1
-        name = getattr(a, "name", None) or (a.plugin if n == 1 else f"{a.plugin}#{n}")
-        out.append(AnalysisSpec(name, cls, cls.Params.model_validate(a.params),
-                                getattr(cls.write, "__func__", None) is not Analysis.write.__func__))
+        name = getattr(a, "name", None) or a.plugin  # distinct in a node group (zpipe validate checks it)
+        writes = cls.write is not Analysis.write or cls.buffers is not Analysis.buffers
+        try:
+            takes_out = len(inspect.signature(cls.process).parameters) >= 3
+        except (TypeError, ValueError):
+            takes_out = False
+        out.append(AnalysisSpec(name, cls, cls.Params.model_validate(a.params), writes, takes_out))
     return out
+
+
+def checked(value: Any) -> Any:
+    """`results` as it will travel (zpipe.codec), or TypeError/ValueError saying what cannot."""
+    codec.encode(value)
+    return value
 
 
 def travels(value: Any, *, arrays_ok: bool) -> Any:
@@ -93,6 +112,7 @@ class _Set:
 
     instances: list
     failures: dict = field(default_factory=dict)  # analysis name -> Failure (for the current scan)
+    buffers: dict = field(default_factory=dict)  # analysis name -> ResultBuffers (for the current scan)
 
 
 class Workers:
@@ -102,6 +122,7 @@ class Workers:
         self.lanes: list[Lane] = group.lanes
         self.analyses = group.analyses
         self.run_token = f"{self.rt.label}@{id(group):x}"
+        self.live: dict[tuple[int, int], dict] = {}  # (scan, worker) -> its buffers, read for previews
 
     # -- one worker thread ---------------------------------------------------------------------------
     def work(self, w: int) -> None:
@@ -117,11 +138,13 @@ class Workers:
             aset = active.get(scan_id)
             if aset is None:
                 aset = active[scan_id] = spare.pop() if spare else self.make_set(w)
-                self.call_all(aset, "begin", scan, scan)
+                self.begin(aset, scan, asm)
+                self.live[(scan_id, w)] = aset.buffers
             if items is not None:
                 self.process(asm, aset, scan, items)
             else:
                 result = self.close(asm, aset, scan, w)
+                self.live.pop((scan_id, w), None)
                 del active[scan_id]
                 if not aset.failures:
                     spare.append(aset)
@@ -133,7 +156,7 @@ class Workers:
             ctx = Context(self.rt.name, self.rt.replica, self.spec.replicas, w, self.spec.workers, self.rt.host,
                           self.rt.output_dir, analysis=a.name, run=self.run_token)
             try:
-                p = a.cls(a.params)
+                p = a.make()
                 p.setup(ctx)
             except Exception as exc:
                 aset.instances.append(None)
@@ -164,9 +187,46 @@ class Workers:
                 aset.instances[i] = None  # its state is suspect: a fresh instance for the next scan
         return out
 
+    def begin(self, aset: _Set, scan: Scan, asm: Assembler | None) -> None:
+        """`begin`, and the buffers each analysis declares for the scan, allocated (zeros)."""
+        aset.buffers = {}
+        geometry = scan.geometry
+        item_shape = asm.item_shape if asm is not None else self.item_shape()
+        declared = self.call_all(aset, "buffers", scan, scan)
+        for i, a in enumerate(self.analyses):
+            decl = declared.get(a.name)
+            if not decl:
+                continue
+            try:
+                if not isinstance(decl, dict):
+                    raise TypeError(f"buffers() returned a {type(decl).__name__}, not a dict of buffers")
+                aset.buffers[a.name] = ResultBuffers(decl, geometry.positions_count if geometry else None, item_shape)
+            except (TypeError, ValueError) as exc:
+                aset.failures[a.name] = self.failed(a.name, "buffers", scan.id, exc)
+                aset.instances[i] = None
+        self.call_all(aset, "begin", scan, scan)
+
+    def item_shape(self) -> tuple[int, ...]:
+        asm = self.spec.assemble
+        return (asm.parts * asm.shape[0], *asm.shape[1:])
+
     def process(self, asm: Assembler, aset: _Set, scan: Scan, items) -> None:
         batch = Batch(scan, headers=[it.header for it in items], stack=lambda: asm.stack(items))
-        self.call_all(aset, "process", scan, batch)
+        for i, a in enumerate(self.analyses):
+            p = aset.instances[i]
+            if p is None or a.name in aset.failures:
+                continue
+            bufs = aset.buffers.get(a.name)
+            try:
+                if bufs is None:
+                    p.process(batch, None) if a.takes_out else p.process(batch)
+                else:
+                    out = bufs.out(len(batch))
+                    p.process(batch, out) if a.takes_out else p.process(batch)
+                    bufs.place(batch.positions, out)
+            except Exception as exc:
+                aset.failures[a.name] = self.failed(a.name, "process", scan.id, exc)
+                aset.instances[i] = None
 
     def close(self, asm: Assembler | None, aset: _Set, scan: Scan, w: int) -> dict[str, Any]:
         """The scan's last items (the incomplete ones), then `finish` and `results`: this worker's share."""
@@ -183,7 +243,7 @@ class Workers:
         for hook, got in (("finish", figures), ("results", values)):
             for name, value in list(got.items()):
                 try:
-                    got[name] = travels(value, arrays_ok=hook == "results")
+                    got[name] = travels(value, arrays_ok=hook == "results") if hook == "finish" else checked(value)
                 except (TypeError, ValueError) as exc:
                     del got[name]
                     if name not in aset.failures:
@@ -193,8 +253,11 @@ class Workers:
             if a.name in aset.failures:
                 entry["failed"] = aset.failures[a.name].summary()
             result["analyses"][a.name] = entry
-            if values.get(a.name) is not None:
-                result["results"][a.name] = values[a.name]
+            if a.writes and a.name not in aset.failures:
+                bufs = aset.buffers.get(a.name)
+                result["results"][a.name] = {"buffers": bufs, "parts": [] if values.get(a.name) is None
+                                             else [values[a.name]]}
+        aset.buffers = {}
         if aset.failures:
             # A set with a failure is not reused; failures of `setup` mean the analysis never ran.
             for i, a in enumerate(self.analyses):
