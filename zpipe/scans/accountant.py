@@ -129,7 +129,7 @@ class Accountant(threading.Thread):
     def _close_malformed(self, scan: int, rec, exc: Exception) -> None:
         rep = {"scan": scan, "outcome": "failed", "ok": False, "expected": 0, "received": 0, "complete": 0,
                "incomplete": 0, "reasons": [f"the scan's record or figures in the registry are malformed: {exc}"],
-               "revision": self.revisions.get(scan, 0) + 1, "written": time.time()}
+               "revision": self.revisions.get(scan, 0) + 1, "closed_at": time.time()}
         self.revisions[scan] = rep["revision"]
         try:
             self._write(scan, rep, rec.get("pipe") if isinstance(rec, dict) else None)
@@ -225,7 +225,7 @@ class Accountant(threading.Thread):
         revision = self.revisions.get(scan, 0) + 1
         self.revisions[scan] = revision
         rep["revision"] = revision
-        rep["written"] = time.time()
+        rep["closed_at"] = time.time()
         if revision > 1:
             log.warning("scan %d: account revised (%d): %s", scan, revision, rep.get("outcome"))
         self._write(scan, rep, rec.get("pipe"))
@@ -262,7 +262,7 @@ class Accountant(threading.Thread):
             raise ValueError(f"{messages.brief(preps)} producer replicas")
         producers = {r: flows.get(f"flow/{pnode}/{r}/{scan}") for r in range(preps)}
         rep = account.on_disk(scan, rec, {r: f if isinstance(f, dict) else None for r, f in producers.items()})
-        rep["revision"], rep["written"] = 1, time.time()
+        rep["revision"], rep["closed_at"] = 1, time.time()
         self._write(scan, rep, rec.get("pipe"))
         self.closed[scan] = ("on disk",)
 
