@@ -1,5 +1,10 @@
 """Finds plugins through the `zpipe.plugins` entry points, so built-in and third-party stages load one way.
 
+Entry points are resolved by name and imported lazily: `get(name)` and `info(name)` import that
+one plugin only, so a node process holds its own plugins and never another node's (numba, h5py
+...). Reading the entry points themselves imports nothing. `catalog()` imports them all, for
+`zpipe plugins` and for the list of what is installed when a topology names an unknown plugin.
+
 A plugin that fails to import or is malformed is kept as an entry with its error, so it is
 reported by name and distribution and never hides the plugins that do load.
 """
@@ -49,8 +54,12 @@ def _check(obj) -> str | None:
     return None
 
 
+def _distribution(ep: EntryPoint) -> str:
+    return f"{ep.dist.name} {ep.dist.version}" if ep.dist else "?"
+
+
 def _load(ep: EntryPoint) -> PluginInfo:
-    dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "?"
+    dist = _distribution(ep)
     try:
         obj = ep.load()
     except Exception as exc:
@@ -63,26 +72,47 @@ def _load(ep: EntryPoint) -> PluginInfo:
 
 
 @cache
-def catalog() -> dict[str, PluginInfo]:
-    """All plugins by entry-point name, loaded once per process."""
-    found: dict[str, PluginInfo] = {}
-    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-        info = _load(ep)
-        if ep.name in found:  # two distributions claim one name: keep both visible as an error
-            info = PluginInfo(ep.name, ep.value, info.distribution,
-                              error=f"name also registered by {found[ep.name].distribution}")
-        found.setdefault(ep.name, info)
+def _entry_points() -> dict[str, list[EntryPoint]]:
+    """Every `zpipe.plugins` entry point by name, in distribution order; reads metadata, imports nothing."""
+    found: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=GROUP):
+        found.setdefault(ep.name, []).append(ep)
     return found
 
 
+def names() -> list[str]:
+    """Every registered plugin name, broken ones included, without importing any plugin."""
+    return sorted(_entry_points())
+
+
+@cache
+def info(name: str) -> PluginInfo | None:
+    """The plugin registered as `name`, importing that entry point only (once per process); None if unknown."""
+    eps = _entry_points().get(name)
+    if not eps:
+        return None
+    first = _load(eps[0])
+    if len(eps) > 1:  # two distributions claim one name: keep both visible as an error, import neither further
+        others = ", ".join(_distribution(ep) for ep in eps[1:])
+        return PluginInfo(name, first.value, first.distribution, error=f"name also registered by {others}")
+    return first
+
+
+def catalog() -> dict[str, PluginInfo]:
+    """All plugins by entry-point name, each imported (once per process): for listing them all."""
+    return {name: info(name) for name in names()}
+
+
 def get(name: str) -> type[Plugin]:
-    info = catalog().get(name)
-    if info is None:
-        raise LookupError(f"unknown plugin {name!r}; installed: {', '.join(installed()) or 'none'}")
-    if info.cls is None:
-        raise LookupError(f"plugin {name!r} from {info.distribution} is broken: {info.error}")
-    return info.cls
+    """The plugin class registered as `name`; imports that plugin alone."""
+    found = info(name)
+    if found is None:
+        raise LookupError(f"unknown plugin {name!r}; installed: {', '.join(names()) or 'none'}")
+    if found.cls is None:
+        raise LookupError(f"plugin {name!r} from {found.distribution} is broken: {found.error}")
+    return found.cls
 
 
 def installed() -> list[str]:
+    """Names of the plugins that load (imports every plugin)."""
     return [n for n, i in catalog().items() if i.ok]

@@ -20,7 +20,11 @@ def world():
     """MPI_COMM_WORLD when started by mpiexec/srun with more than one rank, else None (no MPI import)."""
     if not any(int(os.environ.get(v, "1") or 1) > 1 for v in _SIZE_VARS):
         return None
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # the `mpi` extra is not installed
+        raise SystemExit(f"zpipe run: started by mpiexec/srun, but mpi4py cannot be imported ({exc}); "
+                         f"install zpipe's mpi extra: pip install 'zpipe[mpi]'") from None
 
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 

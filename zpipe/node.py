@@ -1,7 +1,9 @@
 """One node replica in its own process: `python -m zpipe.node ...`, started and supervised by the runner.
 
 The process dies with its runner (PR_SET_PDEATHSIG), answers SIGTERM by stopping cleanly,
-and reports a crash with its traceback on stderr and in the key-value store.
+and reports a crash with its traceback on stderr and in the key-value store. It imports its own
+node's plugins only (the runner has validated the whole topology): a producer never holds the
+node groups' numba or h5py, and an aggregator imports no plugin at all.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import threading
 import time
 import traceback
 
-from zpipe import catalog
 from zpipe.roles import ROLES
 from zpipe.topology import load_topology
 
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     label = f"{args.node}[{args.replica}]"
     logging.basicConfig(level=os.environ.get("ZPIPE_LOG", "INFO"), stream=sys.stderr,
                         format=f"%(levelname)s {label} %(name)s: %(message)s")
-    topology = load_topology(args.topology)
+    # Our own plugins are imported (and their params checked) here, before we register: a node
+    # whose plugin cannot load never looks alive.
+    topology = load_topology(args.topology, plugins_of=[args.node])
     return run_replica(topology, args.node, args.replica, args.host, args.registry, args.output_dir)
 
 
@@ -73,6 +76,8 @@ def run_replica(topology, node: str, replica: int, host: str, registry: str, out
     rt.meter.state = "idle"
     try:
         if role.plugin_kind:
+            from zpipe import catalog
+
             cls = catalog.get(spec.plugin)
             params = cls.Params.model_validate(spec.params)
 

@@ -133,8 +133,10 @@ def _check_role_and_plugin(report: "Report", base, node: NodeSpec) -> None:
 
 
 def _check_plugin(report: "Report", base, name: str, params: dict, kind: str, role: str) -> None:
-    info = catalog.catalog().get(name)
-    if info is None:
+    if not report.checks_plugins_of(base[1]):  # another node's plugin, in a node process: not ours to import
+        return
+    info = catalog.info(name)  # imports this plugin only
+    if info is None:  # a mistake to correct: worth importing every plugin to list what would do
         installed = ", ".join(f"{n} ({i.kind})" for n, i in catalog.catalog().items() if i.ok)
         report.add((*base, "plugin"), f"unknown plugin {short(name)}; installed: {installed or 'none'}")
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Collection
 
 from pydantic import BaseModel, ValidationError
 
@@ -33,10 +34,17 @@ def printable(text: str) -> str:
 
 
 class Report:
-    """Collects positioned problems for one file."""
+    """Collects positioned problems for one file.
 
-    def __init__(self, file: str, parsed: Parsed | None = None):
+    `plugins_of`: the nodes whose plugins are checked (each imported to check it); None, every node's.
+    """
+
+    def __init__(self, file: str, parsed: Parsed | None = None, *, plugins_of: Collection[str] | None = None):
         self.file, self.parsed, self.problems = file, parsed, []
+        self.plugins_of = None if plugins_of is None else frozenset(plugins_of)
+
+    def checks_plugins_of(self, node: str) -> bool:
+        return self.plugins_of is None or node in self.plugins_of
 
     def add(self, path: Path, message: str, *, at_key: bool = False) -> None:
         pos = self.parsed.positions if self.parsed else None
@@ -134,10 +142,13 @@ def _check_integers(report: Report, data) -> None:
 TOO_BIG = f"the file is larger than {MAX_BYTES:,} bytes (1 MB), the most a topology may be"
 
 
-def check_file(path: str | os.PathLike, *, output_dir: str | None = None) -> tuple[Topology | None, list[Problem]]:
+def check_file(path: str | os.PathLike, *, output_dir: str | None = None, plugins_of: Collection[str] | None = None
+               ) -> tuple[Topology | None, list[Problem]]:
     """Parse and validate; returns the topology (None if anything is wrong) and all problems.
 
     Never raises for what the file holds: every problem comes back positioned, FILE:LINE:COL.
+    Plugins are imported to be checked, each named one alone; `plugins_of` limits that to the
+    plugins of those nodes (a node process loads only its own).
     """
     file = os.fspath(path)
     shown = printable(file if isinstance(file, str) else os.fsdecode(file))
@@ -154,19 +165,20 @@ def check_file(path: str | os.PathLike, *, output_dir: str | None = None) -> tup
         prefix = raw[:exc.start].decode("utf-8", "replace")
         line, col = line_col(prefix, len(prefix))
         return None, [Problem(shown, line, col, "", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} ({exc.reason})")]
-    return check_text(text, shown, output_dir=output_dir)
+    return check_text(text, shown, output_dir=output_dir, plugins_of=plugins_of)
 
 
-def check_text(text: str, file: str = "<topology>", *, output_dir: str | None = None
-               ) -> tuple[Topology | None, list[Problem]]:
-    """Validate a topology's text. `output_dir`, if known, makes the ipc path check exact."""
+def check_text(text: str, file: str = "<topology>", *, output_dir: str | None = None,
+               plugins_of: Collection[str] | None = None) -> tuple[Topology | None, list[Problem]]:
+    """Validate a topology's text. `output_dir`, if known, makes the ipc path check exact;
+    `plugins_of`, if given, checks (imports) only the plugins of those nodes."""
     if len(text) > MAX_BYTES:
         return None, [Problem(file, 1, 1, "", TOO_BIG)]
     try:
         parsed = parse(text)
     except YAMLSyntaxError as exc:
         return None, [Problem(file, exc.line, exc.column, "", printable(exc.message))]
-    report = Report(file, parsed)
+    report = Report(file, parsed, plugins_of=plugins_of)
     for path, here, first in parsed.duplicates:
         report.at(*here, path, f"duplicate key {short(path[-1])} (first defined at line {first[0]})")
     for path, here, message in parsed.problems:
@@ -201,7 +213,7 @@ def check_text(text: str, file: str = "<topology>", *, output_dir: str | None = 
                 salvaged = _salvage(raw, err)
                 if salvaged is not None:
                     nodes[name] = salvaged
-    from zpipe.topology.graph import check_graph  # imports the plugin catalog; keep parse-only paths light
+    from zpipe.topology.graph import check_graph  # plugins are imported there, and only those it checks
 
     check_graph(report, top, nodes, set(raw_nodes) if isinstance(raw_nodes, dict) else set(), output_dir=output_dir)
     _check_integers(report, data)
@@ -210,9 +222,12 @@ def check_text(text: str, file: str = "<topology>", *, output_dir: str | None = 
     return top.model_copy(update={"nodes": nodes}), []
 
 
-def load_topology(path: str | os.PathLike) -> Topology:
-    """The validated topology, or TopologyError listing every problem."""
-    topo, problems = check_file(path)
+def load_topology(path: str | os.PathLike, *, plugins_of: Collection[str] | None = None) -> Topology:
+    """The validated topology, or TopologyError listing every problem.
+
+    A node process passes `plugins_of=[its node]`: the runner has checked the whole topology
+    already, and the process must not import the plugins of other nodes (numba, h5py, ...)."""
+    topo, problems = check_file(path, plugins_of=plugins_of)
     if problems:
         raise TopologyError(problems)
     assert topo is not None
