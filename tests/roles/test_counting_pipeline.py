@@ -84,7 +84,8 @@ def test_a_dark_scan_and_empty_frames_are_written_and_stempy_agrees(tmp_path, el
     from zpipe_4dcamera.simulate import SimulatedCamera
 
     text = Path(counting_topology(tmp_path)).read_text()
-    text = text.replace("xray_probability: 0.2", f"xray_probability: 0\n      electrons_per_frame: {electrons}")
+    text = text.replace("xray_probability: 0.2", "xray_probability: 0")
+    text = text.replace("electrons_per_frame: 40", f"electrons_per_frame: {electrons}")
     text = text.replace(f"background_threshold: {BACKGROUND}", f"background_threshold: {background}")
     path = tmp_path / "dark.yaml"
     path.write_text(text)
