@@ -140,7 +140,8 @@ def main() -> int:
             f"{'changed' if changed else 'did NOT change'} between the captures.", ""]
     for i, (plain, pics, received) in enumerate(captures, 1):
         text += [f"## Capture {i}: {received:,} sectors received", "", "```", plain.rstrip(), "```", "",
-                 "Its pictures (bf, then adf, side by side), decoded:", "", "```", *pics, "```", ""]
+                 "Its pictures (vd.adf, then vd.bf, side by side, as on the screen), decoded:", "", "```", *pics,
+                 "```", ""]
     Path(args.out).write_text("\n".join(text))
     print(f"wrote {args.out}; pictures changed between captures: {changed}")
     return 0 if changed else 1
