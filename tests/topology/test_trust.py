@@ -132,6 +132,23 @@ def test_integers_must_fit_in_64_bits():
      r"hosts.localhost.bind: bind 'not valid!' is not a host name"),
     (HELLO, [("nodes:\n", "registry: {address: 'localhost:5555'}\nnodes:\n")],
      r"registry.address: expected tcp://HOST:PORT"),
+    # an address found when the host starts: `auto`, or an interface's
+    (HELLO, [("nodes:\n", "hosts:\n  localhost: {interface: 'eth 0'}\nnodes:\n")],
+     r"t.yaml:\d+:26: hosts.localhost.interface: interface 'eth 0' is not an interface name"),
+    (HELLO, [("nodes:\n", "hosts:\n  localhost: {interface: ../../etc}\nnodes:\n")],
+     r"t.yaml:\d+:26: hosts.localhost.interface: interface '../../etc' is not an interface name"),
+    (HELLO, [("nodes:\n", "hosts:\n  localhost: {interface: enp1s0f0np0-long}\nnodes:\n")],
+     r"hosts.localhost.interface: interface 'enp1s0f0np0-long' is longer than 15 bytes"),
+    (HELLO, [("nodes:\n", "hosts:\n  localhost: {interface: 7}\nnodes:\n")],
+     r"hosts.localhost.interface: Input should be a valid string"),
+    (HELLO, [("nodes:\n", "hosts:\n  localhost: {address: 10.0.0.1, interface: eth0}\nnodes:\n")],
+     r"t.yaml:\d+:14: hosts.localhost: give the host's `address` or the `interface` it is found on, not both"),
+    (HELLO, [("nodes:\n", "hosts:\n  localhost: {address: auto, interface: eth0}\nnodes:\n")],
+     r"hosts.localhost: give the host's `address` or the `interface` it is found on, not both"),
+    (HELLO, [("nodes:\n", "hosts:\n  localhost: {address: 'auto:eth0'}\nnodes:\n")],
+     r"hosts.localhost.address: address 'auto:eth0' is not a host name or an IPv4 address"),
+    (HELLO, [("nodes:\n", "hosts:\n  localhost: {adress: auto}\nnodes:\n")],
+     r"hosts.localhost.adress: unknown key 'adress'; expected one of: address, interface, bind"),
     (HELLO, [("{pattern: push}", "{pattern: push, port: 80}")], r"nodes.source.sockets.out.port: port 80 is privileged"),
     (HELLO, [("nodes:\n", "registry: {port: 443}\nnodes:\n")], r"registry.port: port 443 is privileged"),
     (HELLO, [("nodes:\n", "registry: {port: 47001}\nhosts:\n  a: {address: 127.0.0.1}\n  b: {address: 127.0.0.1}\n"
@@ -229,3 +246,26 @@ def test_validate_prints_no_traceback_for_odd_arguments(run_zpipe, tmp_path):
     assert res.returncode == 1
     assert "odd-\\udcff-name.yaml: ok" in res.stdout, res.stdout
     assert "Is a directory" in res.stderr and "missing.yaml:1:1: cannot read topology" in res.stderr
+
+
+@pytest.mark.parametrize("host", ["{address: auto}", "{interface: eth0}", "{interface: ib0, bind: 0.0.0.0}",
+                                  "{address: auto, bind: 0.0.0.0}"])
+def test_a_host_whose_address_is_found_when_it_starts_is_accepted(host):
+    text = edit(HELLO, ("nodes:\n", f"registry: {{host: a, port: 47010}}\nhosts:\n  a: {{address: 10.0.0.1}}\n"
+                                    f"  b: {host}\nnodes:\n"),
+                ("    role: source\n", "    role: source\n    host: a\n"), ("    role: stage\n", "    role: stage\n    host: b\n"))
+    topo, found = check_text(text, "t.yaml")
+    assert found == [] and topo.hosts["b"].dynamic and not topo.hosts["a"].dynamic
+
+
+def test_hosts_found_when_they_start_are_machines_of_their_own_for_fixed_ports():
+    """Two `auto` hosts cannot be told apart in advance: the same fixed port on each is no clash (it would be on
+    two hosts of one fixed address)."""
+    base = edit(HELLO, ("nodes:\n", "hosts:\n  a: {address: auto}\n  b: {interface: eth0}\nnodes:\n"),
+                ("    role: source\n", "    role: source\n    host: a\n"), ("    role: stage\n", "    role: stage\n    host: b\n"),
+                ("{pattern: push}", "{pattern: push, port: 47011}"),
+                ("connect: source.out}", "connect: source.out}\n      extra: {pattern: pull, port: 47011}"))
+    assert not any("also claimed" in p for p in problems(base))
+    same = base.replace("a: {address: auto}", "a: {address: 10.0.0.1}").replace("b: {interface: eth0}",
+                                                                               "b: {address: 10.0.0.1}")
+    assert any("port 47011 on host 'b' is also claimed" in p for p in problems(same))

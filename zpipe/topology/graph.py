@@ -376,6 +376,8 @@ def _fed(report, nodes, links, broken, name: str, node: NodeSpec, sock: str, fee
 
 def _host_address(top: Topology | None, host: str) -> str:
     spec = top.hosts.get(host) if top else None
+    if spec is not None and spec.dynamic:
+        return f"host {host}"  # known only when it starts: a machine of its own, as far as we can tell
     return spec.address if spec else host
 
 

@@ -56,6 +56,20 @@ def check_host(value: str, what: str, *, wildcard: bool = False) -> str:
     return value
 
 
+AUTO = "auto"  # a host's `address` found when it starts: the one that routes toward the registry
+IFNAMSIZ = 16  # Linux: an interface name has at most 15 bytes
+
+
+def check_interface(value: str) -> str:
+    """`value` as a network interface name Linux accepts (dev_valid_name); else ValueError."""
+    if len(value.encode("utf-8", "surrogatepass")) >= IFNAMSIZ:
+        raise ValueError(f"interface {short(value)} is longer than {IFNAMSIZ - 1} bytes, the most an interface "
+                         f"name has")
+    if value in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.@-]+", value):
+        raise ValueError(f"interface {short(value)} is not an interface name (e.g. eth0, ib0, enp1s0)")
+    return value
+
+
 Pattern = Literal["push", "pull", "pub", "sub", "req", "rep", "dealer", "router", "pair"]
 
 # Which pattern may talk to which: ZeroMQ's valid socket combinations.
@@ -218,28 +232,47 @@ class NodeSpec(Strict):
 
 
 class HostSpec(Strict):
-    """A machine the graph runs on, and the address peers reach it at (never 0.0.0.0)."""
+    """A machine the graph runs on, and the address peers reach it at (never 0.0.0.0).
 
-    address: str = "127.0.0.1"
-    bind: str = Field("", description="interface to bind on; default: `address`")
+    The address is fixed (`address: 10.0.0.7`), or found on the machine when it starts (a compute
+    node of a batch allocation): `address: auto`, the local IPv4 address that routes toward the
+    registry, or `interface: NAME`, that interface's IPv4 address (zpipe.hosts)."""
+
+    address: str = Field("127.0.0.1", description="what peers connect to; `auto`: the address that routes toward "
+                         "the registry, found when the host starts")
+    interface: str = Field("", description="a network interface whose IPv4 address is the host's, found when it "
+                           "starts (instead of `address`)")
+    bind: str = Field("", description="interface to bind on; default: the host's address")
 
     @model_validator(mode="after")
     def _reachable(self) -> "HostSpec":
         if self.address in ("0.0.0.0", "*", "::"):
             raise ValueError("`address` is what peers connect to and must be reachable; put 0.0.0.0 in `bind`")
+        if self.interface and "address" in self.model_fields_set:
+            raise ValueError("give the host's `address` or the `interface` it is found on, not both")
         return self
 
     @field_validator("address")
     @classmethod
     def _address(cls, address: str) -> str:
-        if address in ("0.0.0.0", "*", "::"):
-            return address  # said better by _reachable, for the host as a whole
+        if address in ("0.0.0.0", "*", "::", AUTO):
+            return address  # the wildcards are said better by _reachable, for the host as a whole
         return check_host(address, "address")
+
+    @field_validator("interface")
+    @classmethod
+    def _interface(cls, interface: str) -> str:
+        return interface if interface == "" else check_interface(interface)
 
     @field_validator("bind")
     @classmethod
     def _bind(cls, bind: str) -> str:
         return bind if bind == "" else check_host(bind, "bind", wildcard=True)
+
+    @property
+    def dynamic(self) -> bool:
+        """True when the address is known only on the host, when it starts (`auto` or an interface)."""
+        return self.address == AUTO or bool(self.interface)
 
 
 class RegistrySpec(Strict):
