@@ -1,4 +1,4 @@
-"""The `zpipe` command: validate, run, replay, status, plugins, kv."""
+"""The `zpipe` command: validate, run, replay, acquire, status, plugins, kv."""
 
 from __future__ import annotations
 
@@ -46,12 +46,15 @@ def cmd_run(args) -> int:
     from zpipe import mpirun
     from zpipe.runner import Runner, RunError
 
-    comm = mpirun.world()
+    # --node/--replica start replicas on their own (`--replica rank` under srun or mpiexec, one per task):
+    # then MPI, when there is any, is not how the node groups are started.
+    comm = mpirun.world() if not (args.node or args.replica) else None
     if comm is not None:
         return mpirun.run(topo, args.topology, comm, host=args.host, registry=args.registry,
                           output_dir=args.output_dir)
     try:
-        return Runner(topo, args.topology, host=args.host, registry=args.registry, output_dir=args.output_dir).run()
+        return Runner(topo, args.topology, host=args.host, registry=args.registry, output_dir=args.output_dir,
+                      nodes=args.node, replicas=args.replica).run()
     except RunError as exc:
         print(f"zpipe run: {exc}", file=sys.stderr)
         return 2
@@ -154,8 +157,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the nodes of a topology placed on this host")
     p.add_argument("topology")
     p.add_argument("--host", help="which of the topology's hosts this is (needed when there are several)")
-    p.add_argument("--registry", help="address of a running registry (default: start one if this host owns it)")
+    p.add_argument("--registry", help="address of a running registry (default: start one if this host owns it, "
+                                      "else the registry host's address and port from the topology)")
     p.add_argument("--output-dir", default=".", help="where nodes write their files")
+    p.add_argument("--node", action="append", metavar="NAME",
+                   help="start only this node of this host (repeatable; default: every node placed here)")
+    p.add_argument("--replica", metavar="N|LIST|rank",
+                   help="start only these replica numbers (3; 0,2; 0-3), or `rank`: the launcher's rank "
+                        "(SLURM_PROCID, PMI_RANK, PMIX_RANK, OMPI_COMM_WORLD_RANK)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="stream disk-fallback files through a topology's pipeline")
@@ -166,6 +175,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--registry")
     p.add_argument("--output-dir", default=".")
     p.set_defaults(func=cmd_replay)
+
+    from zpipe.acquire import add_parser as add_acquire
+
+    add_acquire(sub)
 
     p = sub.add_parser("plugins", help="list installed plugins, their kind, distribution and parameters")
     p.add_argument("--json", action="store_true")

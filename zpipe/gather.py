@@ -20,6 +20,7 @@ from zpipe.transport.outbox import Outbox, PeerGone
 
 Share = dict[str, Any]  # {"part": summary of the node group's part, "results": {analysis: {"buffers", "parts"}}}
 SPEC = SocketSpec(pattern="push", hwm=100_000)
+LEAVING_WAIT = 10.0  # s a leaving writer waits for the other node groups' shares
 
 
 class ZmqGather:
@@ -42,7 +43,9 @@ class ZmqGather:
         got = {rt.replica: codec.decode(codec.encode(mine))}
         missing: dict[int, str] = {}
         pending = set(node_groups) - {rt.replica}
-        deadline = time.monotonic() + self.timeout
+        # Leaving (our session ends), we wait for the others only briefly: what has not come is named.
+        limit = min(self.timeout, LEAVING_WAIT) if rt.leave.is_set() else self.timeout
+        deadline = time.monotonic() + limit
         self.collecting = scan
         while True:
             for g in list(pending):
@@ -60,7 +63,8 @@ class ZmqGather:
                 break
             if time.monotonic() > deadline:
                 for g in pending:
-                    missing[g] = f"nothing from it after {self.timeout:.0f} s"
+                    missing[g] = f"nothing from it after {limit:.0f} s" + (" (this node group was leaving)"
+                                                                           if rt.leave.is_set() else "")
                 break
             if rt.stop.is_set():
                 for g in pending:

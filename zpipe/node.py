@@ -1,6 +1,7 @@
 """One node replica in its own process: `python -m zpipe.node ...`, started and supervised by the runner.
 
-The process dies with its runner (PR_SET_PDEATHSIG), answers SIGTERM by stopping cleanly,
+The process dies with its runner (PR_SET_PDEATHSIG), answers SIGTERM by leaving gracefully
+(roles that can: zpipe.roles.RoleSpec.leaves) or stopping, a second SIGTERM by stopping at once,
 and reports a crash with its traceback on stderr and in the key-value store. It imports its own
 node's plugins only (the runner has validated the whole topology): a producer never holds the
 node groups' numba or h5py, and an aggregator imports no plugin at all.
@@ -22,6 +23,8 @@ import traceback
 from zpipe.roles import ROLES
 from zpipe.topology import load_topology
 
+SAME_REQUEST = 2.0  # s: signals this close to the first are the same request to leave
+
 
 def _die_with_parent() -> None:
     try:
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replica", type=int, default=0)
     ap.add_argument("--host", required=True)
     ap.add_argument("--registry", required=True)
+    ap.add_argument("--address", help="the address peers reach this host at (default: the topology's, resolved here)")
     ap.add_argument("--output-dir", default=".")
     ap.add_argument("--parent", type=int, default=0, help="pid of the runner; exit if it is gone")
     args = ap.parse_args(argv)
@@ -51,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     # Our own plugins are imported (and their params checked) here, before we register: a node
     # whose plugin cannot load never looks alive.
     topology = load_topology(args.topology, plugins_of=[args.node])
-    return run_replica(topology, args.node, args.replica, args.host, args.registry, args.output_dir)
+    return run_replica(topology, args.node, args.replica, args.host, args.registry, args.output_dir,
+                       address=args.address)
 
 
 def run_replica(topology, node: str, replica: int, host: str, registry: str, output_dir: str,
-                *, mpi=None, stop=None) -> int:
+                *, mpi=None, stop=None, address: str | None = None) -> int:
     """Run one replica to its end in this process; returns its exit code.
 
     In a process of its own (main thread) it answers SIGTERM/SIGINT; in a thread (an MPI
@@ -65,13 +70,33 @@ def run_replica(topology, node: str, replica: int, host: str, registry: str, out
     role = ROLES[spec.role]
     from zpipe.runtime import NodeRuntime  # heavy imports after argument errors are out of the way
 
-    rt = NodeRuntime(topology, node, replica, host, registry, output_dir=output_dir)
+    rt = NodeRuntime(topology, node, replica, host, registry, output_dir=output_dir, address=address)
     rt.mpi = mpi
     if stop is not None:
         rt.stop = stop
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: rt.stop.set())
+        first: list[float] = []
+
+        def on_signal(signum, _frame):
+            # The first SIGTERM/SIGINT asks a role that can leave gracefully to do so (a node group
+            # finishes what it was sent and hands back the rest; a producer finishes its scan); a
+            # later one, or any for the other roles, stops at once. Signals within SAME_REQUEST of
+            # the first are that same request (a batch system signals every process of a job, and
+            # the runner forwards its own).
+            now = time.monotonic()
+            if first and now - first[0] < SAME_REQUEST:
+                return
+            if role.leaves and not rt.leave.is_set():
+                first.append(now)
+                rt.leave.set()
+                logging.getLogger("zpipe.node").info("%s: leaving (%s): finishing what is under way; "
+                                                     "a second signal stops at once", rt.label,
+                                                     signal.Signals(signum).name)
+            else:
+                rt.stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
     drain = False
     rt.meter.state = "idle"
     try:

@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Analysis", "Batch", "Buffer", "Context", "Message", "Params", "Plugin", "Recorder", "Scan", "ScanResults",
-           "Source", "Stage", "per_pixel", "per_position"]
+__all__ = ["Analysis", "Batch", "Buffer", "Context", "Message", "Params", "Plugin", "Recorder", "Request", "Scan",
+           "ScanResults", "Source", "Stage", "per_pixel", "per_position"]
 
 
 class Params(BaseModel):
@@ -99,14 +99,33 @@ class Recorder(Protocol):
         ...
 
 
+class Request(Params):
+    """What an acquisition may ask of a source (`zpipe acquire --set key=value`); nothing by default."""
+
+
 class Source(Plugin[P]):
-    """Makes the messages a producer sends: a sequence of scans, each split across sending threads."""
+    """Makes the messages a producer sends: a sequence of scans, each split across sending threads.
+
+    Run in batch (the default), the producer sends `scans()`. Run as a service (the node's
+    `service: true`), it sends a scan for each acquisition requested while it runs (`zpipe acquire`):
+    `acquire(scan_id, request)` makes it, in every replica and thread alike (so it must be a pure
+    function of its arguments and the params), from a `Request` the source declares.
+    """
 
     kind = "source"
     replay_plugin: ClassVar[str | None] = None  # the source that reads what `recorder` wrote, for `zpipe replay`
+    Request: ClassVar[type[Request]] = Request
 
     def scans(self) -> Iterator[Scan]:
         raise NotImplementedError
+
+    def acquire(self, scan_id: int, request: Request) -> Scan:
+        """The scan an acquisition asks for (service mode); see the class's docstring."""
+        raise NotImplementedError(f"{type(self).__name__} does not take acquisition requests")
+
+    @classmethod
+    def takes_requests(cls) -> bool:
+        return cls.acquire is not Source.acquire
 
     def messages(self, scan: Scan, thread: int, threads: int) -> Iterable[Message]:
         """The messages thread `thread` of `threads` sends for `scan`; threads together send each once."""

@@ -1,7 +1,9 @@
 """Which node replicas are alive: each publishes an ephemeral `nodes/{node}/{replica}` key while it runs.
 
 A replica that dies (kill -9), freezes (SIGSTOP) or leaves stops refreshing its key and the
-registry expires it within its TTL; a clean exit withdraws it at once. A peer is *gone* once its
+registry expires it within its TTL; a clean exit withdraws it at once. A replica that is about
+to leave (a node group whose session ends) first says so in its key (`leaving`): it is still
+alive and finishes what it was sent, but nothing new is routed to it. A peer is *gone* once its
 key has been absent for GRACE seconds while our own view of the registry was sound: heard from
 the server lately and not just re-synchronised (after a registry restart, keys come back only as
 their owners re-publish them, within about a second). So a registry outage never makes a live
@@ -51,6 +53,21 @@ class Roster:
 
     def alive(self, node: str, replica: int) -> bool:
         return isinstance(self.kv.get(key(node, replica)), dict)
+
+    def incarnation(self, node: str, replica: int):
+        """Which process is `node[replica]` now (when it started), or None if it is not alive."""
+        value = self.kv.get(key(node, replica))
+        return value.get("started") if isinstance(value, dict) else None
+
+    def leaving(self, node: str, replica: int) -> bool:
+        """`node[replica]` is alive but leaving (its session ends): route nothing new to it."""
+        value = self.kv.get(key(node, replica))
+        return isinstance(value, dict) and value.get("leaving") is True
+
+    def routable(self, node: str, replica: int) -> bool:
+        """Alive and not leaving: a replica new work may go to."""
+        value = self.kv.get(key(node, replica))
+        return isinstance(value, dict) and value.get("leaving") is not True
 
     def gone(self, node: str, replica: int) -> bool:
         """True once `node[replica]` has been absent for the grace period in a sound view."""

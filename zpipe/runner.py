@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import uuid
 import subprocess
@@ -25,15 +26,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zpipe import view
+from zpipe.hosts import AddressError, registry_from_topology, resolve
 from zpipe.kv import KVClient, KVServer
 from zpipe.runtime import PIPELINE_KEY
 from zpipe.scans.accountant import Accountant
 from zpipe.topology import Topology
 
-STOP_GRACE = 5.0  # seconds a replica gets between SIGTERM and SIGKILL
+# Seconds a replica gets between SIGTERM and SIGKILL: node groups and producers leave gracefully
+# (finish what is under way, hand back the rest, deregister) within it; under Slurm's default
+# KillWait (30 s) for the runner itself. A second signal to the runner stops them at once.
+STOP_GRACE = 25.0
+SAME_REQUEST = 2.0  # s: a signal this soon after the first is the same request
 STALL = 60.0  # seconds without progress, after a node died, before the rest is stopped
 EXIT_COMPLETE, EXIT_INCOMPLETE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 3, 4, 130
 ACCOUNT_WAIT = 15.0  # seconds to wait for a remote accountant to close this run's scans
+REGISTRY_WAIT = 30.0  # seconds a runner waits for another host's registry to answer (hosts start in any order)
+# Where launchers put a task's rank: Slurm (srun), MPICH/Hydra (PMI), PMIx, Open MPI.
+RANK_VARS = ("SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
+# Every runner of a pipeline says it is there (an ephemeral key, gone when it ends or dies): the registry's
+# host serves the registry until the runners of the other hosts have ended, not only its own nodes.
+RUNNERS = "runners/"
 
 
 @dataclass
@@ -53,7 +65,7 @@ class RunError(Exception):
     pass
 
 
-def pick_host(topology: Topology, host: str | None) -> str:
+def pick_host(topology: Topology, host: str | None, nodes=None) -> str:
     used = topology.hosts_used()
     if host:
         if host not in topology.hosts:
@@ -61,16 +73,76 @@ def pick_host(topology: Topology, host: str | None) -> str:
         return host
     if len(used) == 1:
         return used[0]
+    theirs = {topology.nodes[n].host for n in nodes or () if n in topology.nodes}
+    if len(theirs) == 1:  # --node names nodes of one host: that one
+        return theirs.pop()
     raise RunError(f"nodes are placed on several hosts ({', '.join(used)}); say which this is with --host")
+
+
+def launcher_rank(env=None) -> tuple[int, str]:
+    """This task's rank as its launcher (srun, mpiexec) set it, and the variable it came from."""
+    env = os.environ if env is None else env
+    for var in RANK_VARS:
+        value = env.get(var, "").strip()
+        if value:
+            if not value.isdigit():
+                raise RunError(f"--replica rank: {var}={value!r} is not a rank (a number from 0)")
+            return int(value), var
+    raise RunError(f"--replica rank takes the replica number from the launcher's rank, but none of "
+                   f"{', '.join(RANK_VARS)} is set; start under srun or mpiexec, or give the number (--replica 0)")
+
+
+def parse_replicas(text: str, env=None) -> tuple[list[int], str | None]:
+    """`--replica`: a number, a list (0,2), a range (0-3) or `rank`; the numbers and, for `rank`, where it came from."""
+    if text.strip() == "rank":
+        rank, var = launcher_rank(env)
+        return [rank], var
+    numbers: set[int] = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*([0-9]{1,6})\s*(?:-\s*([0-9]{1,6})\s*)?", part)
+        if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise RunError(f"--replica {text!r}: expected a replica number, a list such as 0,2, a range such as 0-3, "
+                           f"or `rank` (the launcher's rank)")
+        numbers.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+    return sorted(numbers), None
+
+
+def select(topology: Topology, host: str, nodes=None, replicas: str | None = None, *,
+           exclude: frozenset[str] = frozenset(), env=None) -> dict[str, list[int]]:
+    """The replicas this runner starts: {node: [replica, ...]}, every one of this host's unless --node and
+    --replica narrow it down. RunError, in one line, for a node or replica that is not there."""
+    here = [n for n, s in topology.nodes.items() if s.host == host and n not in exclude]
+    for n in nodes or ():
+        if n not in topology.nodes:
+            raise RunError(f"--node {n!r} is not a node of the topology; its nodes: {', '.join(topology.nodes)}")
+        if topology.nodes[n].host != host:
+            raise RunError(f"--node {n!r} is placed on host {topology.nodes[n].host!r}, not on {host!r}")
+        if n in exclude:
+            raise RunError(f"--node {n!r} runs in the MPI ranks here, not as a process of this runner")
+    chosen = [n for n in here if n in nodes] if nodes else here
+    if replicas is None:
+        return {n: list(range(topology.nodes[n].replicas)) for n in chosen}
+    numbers, var = parse_replicas(replicas, env)
+    for n in chosen:
+        count = topology.nodes[n].replicas
+        bad = [r for r in numbers if r >= count]
+        if bad:
+            why = f" (the launcher's rank, from {var})" if var else ""
+            raise RunError(f"--replica {bad[0]}{why}: node {n!r} has {count} replica{'s' * (count != 1)} "
+                           f"(0-{count - 1}); start as many tasks as replicas, or number them below {count}")
+    return {n: list(numbers) for n in chosen}
 
 
 class Runner:
     def __init__(self, topology: Topology, path: str, *, host: str | None = None, registry: str | None = None,
                  output_dir: str = ".", out=sys.stdout, err=sys.stderr, exclude: frozenset[str] = frozenset(),
-                 on_registry=None):
+                 on_registry=None, nodes=None, replicas: str | None = None):
         self.topology, self.path = topology, os.path.abspath(path)
-        self.host = pick_host(topology, host)
+        self.host = pick_host(topology, host, nodes)
+        # --node / --replica: only these replicas of this host's nodes (a session started per rank, say).
+        self.selection = select(topology, self.host, nodes, replicas, exclude=exclude)
         self.registry_arg = registry
+        self.address: str | None = None  # this host's address, resolved (`auto`, an interface) when the run starts
         self.output_dir = os.path.abspath(output_dir)
         # Under MPI (zpipe.mpirun) the node groups run in the MPI ranks, not as our children:
         # they are excluded here, and `on_registry(address)` starts this rank's share of them
@@ -86,22 +158,30 @@ class Runner:
         self.died: list[str] = []
         self.seen_scans: dict[int, dict] = {}  # scan -> its record as last seen
         self._stop = threading.Event()
+        self._signals = 0  # SIGINT/SIGTERM received: the first stops gracefully, a second at once
+        self._first_signal = 0.0
         self._print_lock = threading.Lock()
         self.display: view.Display | None = None  # the live view or plain progress lines (zpipe/view.py)
 
     # -- registry ------------------------------------------------------------------------------
     def _registry(self) -> str:
+        """The registry's address: --registry, the topology's external one, the registry host's (derived from the
+        topology), or the one we start here. Resolves this host's address on the way (`auto` needs the registry's)."""
         reg = self.topology.registry
-        if self.registry_arg:
-            return self.registry_arg
-        if reg.address:
-            return reg.address
-        if self.topology.registry_host() != self.host:
-            raise RunError(f"the registry runs on host {self.topology.registry_host()!r}; "
-                           f"give its address with --registry")
         hs = self.topology.hosts[self.host]
-        self.server = KVServer(f"tcp://{hs.bind or hs.address}:{reg.port}").start()
-        self.accountant = Accountant(self.server.address, self.output_dir).start()
+        try:
+            if self.registry_arg or reg.address or self.topology.registry_host() != self.host:
+                registry = self.registry_arg or reg.address or registry_from_topology(self.topology)
+                self.address = resolve(hs, self.host, registry)
+                return registry
+            self.address = resolve(hs, self.host, None)
+        except AddressError as exc:
+            raise RunError(str(exc)) from None
+        try:
+            self.server = KVServer(f"tcp://{hs.bind or self.address}:{reg.port}", advertise=self.address).start()
+            self.accountant = Accountant(self.server.address, self.output_dir).start()
+        except Exception as exc:  # an address not on this machine, a port taken: one line, not a traceback
+            raise RunError(f"cannot start the registry on host {self.host!r}: {exc}") from None
         return self.server.address
 
     def _pipeline(self) -> str:
@@ -114,15 +194,79 @@ class Runner:
                                    "started": time.time()})
         return pipe
 
+    def _announce(self) -> None:
+        from zpipe import roster
+
+        self.kv.set(f"{RUNNERS}{self.host}/{os.getpid()}", {"host": self.host, "pid": os.getpid(), "pipe": self.pipe,
+                                                             "address": self.address, "nodes": self.selection},
+                    ttl=roster.TTL)
+
+    def _other_runners(self) -> list[str]:
+        mine = f"{RUNNERS}{self.host}/{os.getpid()}"
+        return sorted(f"{v.get('host')} (pid {v.get('pid')})" for k, v in self.kv.items(RUNNERS).items()
+                      if k != mine and isinstance(v, dict) and v.get("pipe") == self.pipe)
+
+    def _serve_others(self) -> bool:
+        """On the registry's host, once its own nodes are done: the runners of other hosts may still need the
+        registry (their node groups finishing a scan, their reports). Serve it until they have ended, for as
+        long as something moves (STALL s at most without), or until a signal (then False)."""
+        others = self._other_runners()
+        if others:
+            self._view_off()
+            print(f"zpipe: this host's nodes are done; the registry stays up until the runners on other hosts "
+                  f"end: {', '.join(others)}", file=self.err, flush=True)
+        progress, moved = None, time.monotonic()
+        while others:
+            if self._stop.is_set():
+                return False
+            sign, now = (self._progress(), tuple(others)), time.monotonic()
+            if sign != progress:
+                progress, moved = sign, now
+            elif now - moved > STALL:
+                print(f"zpipe: nothing moved for {STALL:.0f} s; not waiting longer for {', '.join(others)}",
+                      file=self.err, flush=True)
+                break
+            time.sleep(0.1)
+            others = self._other_runners()
+        return True
+
     # -- processes -----------------------------------------------------------------------------
+    def _subset(self) -> str:
+        """`; only nodegroup[1]` when --node/--replica narrowed this run down, else nothing."""
+        every = {n: list(range(s.replicas)) for n, s in self.topology.nodes.items()
+                 if s.host == self.host and n not in self.exclude}
+        if self.selection == every:
+            return ""
+        return "; only " + ", ".join(f"{n}[{','.join(map(str, rs))}]" for n, rs in self.selection.items())
+
+    def _not_running_yet(self) -> None:
+        """Replicas started separately must have distinct numbers: refuse one that is alive in this pipeline
+        already (another runner's), after waiting out the liveness key of one that just died."""
+        from zpipe import roster
+
+        deadline = time.monotonic() + roster.TTL + 1.0
+        while True:
+            twins = []
+            for name, numbers in self.selection.items():
+                for i in numbers:
+                    v = self.kv.get(roster.key(name, i))
+                    if isinstance(v, dict) and v.get("pipe") == self.pipe:
+                        twins.append(f"{name}[{i}] (pid {v.get('pid')} on host {v.get('host')!r})")
+            if not twins or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if twins:
+            raise RunError(f"{', '.join(twins)} already running in this pipeline; start other replica numbers "
+                           f"(--replica N, or --replica rank under srun/mpiexec)")
+
     def _spawn(self, registry: str) -> None:
+        if self.server is None:
+            self._not_running_yet()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for name, node in self.topology.nodes.items():
-            if node.host != self.host or name in self.exclude:
-                continue
-            for i in range(node.replicas):
+        for name, numbers in self.selection.items():
+            for i in numbers:
                 cmd = [sys.executable, "-m", "zpipe.node", "--topology", self.path, "--node", name,
-                       "--replica", str(i), "--host", self.host, "--registry", registry,
+                       "--replica", str(i), "--host", self.host, "--registry", registry, "--address", self.address,
                        "--output-dir", self.output_dir, "--parent", str(os.getpid())]
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -141,46 +285,67 @@ class Runner:
                 print(f"[{rep.label}] {line}", file=self.err, flush=True)
 
     def _terminate(self) -> None:
+        """SIGTERM to every replica still running (they leave gracefully), SIGTERM again on a second
+        signal to us (they stop at once), SIGKILL to any left after STOP_GRACE."""
         alive = [r for r in self.replicas if r.proc.poll() is None]
         for r in alive:
             _signal(r.proc, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
+        forwarded = self._signals
+        while alive and time.monotonic() < deadline:
+            if self._signals > forwarded:  # asked again: the replicas' second SIGTERM stops them at once
+                forwarded = self._signals
+                for r in alive:
+                    _signal(r.proc, signal.SIGTERM)
+            time.sleep(0.05)
+            alive = [r for r in alive if r.proc.poll() is None]
         for r in alive:
-            try:
-                r.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal(r.proc, signal.SIGKILL)
-                r.proc.wait()
+            print(f"zpipe: {r.label} did not end within {STOP_GRACE:g} s of SIGTERM; killing it", file=self.err,
+                  flush=True)
+            _signal(r.proc, signal.SIGKILL)
+            r.proc.wait()
         for r in self.replicas:
             if r.reader:
                 r.reader.join(timeout=2.0)
 
+    def _on_signal(self, *_) -> None:
+        now = time.monotonic()
+        if self._signals and now - self._first_signal < SAME_REQUEST:
+            return  # the same request (a batch system signals every process of a job)
+        if not self._signals:
+            self._first_signal = now
+        self._signals += 1
+        self._stop.set()
+
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> int:
-        old = {s: signal.signal(s, lambda *_: self._stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         t0 = time.monotonic()
         try:
             os.makedirs(self.output_dir, exist_ok=True)
+            registry = self._registry()
             try:
-                registry = self._registry()
-            except Exception as exc:  # an address not on this machine, a port taken: one line, not a traceback
-                raise RunError(f"cannot start the registry on host {self.host!r}: {exc}") from None
-            try:
-                self.kv = KVClient(registry, name="runner").start()
+                self.kv = KVClient(registry, name="runner",
+                                   connect_timeout=10.0 if self.server else REGISTRY_WAIT).start()
             except (TimeoutError, RuntimeError) as exc:
                 raise RunError(f"the registry at {registry} does not answer: {exc}") from None
             self.pipe = self._pipeline()
+            self._announce()
             self.kv.on_change(self._seen)
             for k, v in self.kv.items("scans/").items():
                 self._seen(k, v)
-            print(f"zpipe: {self.topology.name} on host {self.host}, registry at {registry}", file=self.err, flush=True)
+            print(f"zpipe: {self.topology.name} on host {self.host} ({self.address}), registry at {registry}"
+                  + self._subset(), file=self.err, flush=True)
             # In-process node groups (under MPI) log straight to stderr, which would tear a live view.
             self.display = view.for_runner(self.kv, self.topology, self.host, self.err, self._print_lock,
-                                           exclude=self.exclude, live=False if self.on_registry else None)
+                                           exclude=self.exclude, live=False if self.on_registry else None,
+                                           replicas=self.selection)
             self._spawn(registry)
             if self.on_registry:
                 self.on_registry(registry)
             ended = self._supervise()
+            if ended == "done" and self.server is not None and not self._serve_others():
+                ended = "interrupted"
             self._view_off()
             self._terminate()
             if self.accountant is not None:
@@ -219,7 +384,8 @@ class Runner:
         while True:
             if self._stop.is_set():
                 self._view_off()
-                print("zpipe: stopping (signal received)", file=self.err, flush=True)
+                print(f"zpipe: stopping (signal received): what is under way finishes, up to {STOP_GRACE:g} s; "
+                      f"signal again to stop at once", file=self.err, flush=True)
                 self._terminate()
                 return "interrupted"
             codes = [(r, r.proc.poll()) for r in self.replicas]
@@ -304,6 +470,7 @@ class Runner:
                 if scan in records:
                     records[scan] = {**records[scan], "summary": rep["summary"], "outcome": rep["outcome"],
                                      "report_file": rep.get("report_file")}
+        from zpipe.scans.account import to_disk_why
         from zpipe.scans.accountant import scans_on_disk
 
         for scan in {*self.seen_scans, *scans_on_disk(self.output_dir, self.pipe)}:
@@ -322,7 +489,7 @@ class Runner:
             if rec.get("fallback"):
                 fb = rec["fallback"] if isinstance(rec["fallback"], dict) else {}
                 outcomes.append(rec.get("outcome", "complete"))
-                line = (f"scan {scan}: no node group; written to disk as {fb.get('files', '?')} files in "
+                line = (f"scan {scan}: {to_disk_why(fb)}; written to disk as {fb.get('files', '?')} files in "
                         f"{fb.get('directory')} (manifest {fb.get('manifest', '?')})")
                 if rec.get("report_file"):
                     line += f"; report {rec['report_file']}"
@@ -369,10 +536,10 @@ class Runner:
         """One line: what each node on this host moved, and anything else it counted."""
         parts = []
         for name, node in self.topology.nodes.items():
-            if node.host != self.host:
+            if node.host != self.host or (name not in self.selection and name not in self.exclude):
                 continue
             figures: dict[str, int] = {}
-            for i in range(node.replicas):
+            for i in self.selection.get(name) or range(node.replicas):
                 for k, v in (self.kv.get(f"totals/{name}/{i}") or {}).items():
                     if isinstance(v, int) and not isinstance(v, bool):
                         figures[k] = figures.get(k, 0) + v

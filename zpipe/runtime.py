@@ -83,23 +83,34 @@ NODE_SUBTREES = ("endpoints/", "scans/", "flow/", "totals/", "results/", "failur
 
 class NodeRuntime:
     def __init__(self, topology: Topology, node: str, replica: int, host: str, registry_address: str,
-                 *, output_dir: str = ".", resolve_timeout: float = 30.0):
+                 *, output_dir: str = ".", resolve_timeout: float = 30.0, address: str | None = None):
         self.topology, self.name, self.replica, self.host = topology, node, replica, host
         self.spec: NodeSpec = topology.nodes[node]
         self.host_spec = topology.hosts[host]
         self.registry_address = registry_address
+        # The address peers reach this host at: the runner's (it resolved `auto` or an interface once), or
+        # ours (an MPI rank on a machine of its own); bound on unless the host's `bind` says otherwise.
+        if address is None:
+            from zpipe.hosts import resolve
+
+            address = resolve(self.host_spec, host, registry_address)
+        self.address = address
         self.output_dir = output_dir
         self.resolve_timeout = resolve_timeout
         self.mpi = None  # the MPI communicator when this replica is an MPI rank (see zpipe.mpirun)
         self.stop = threading.Event()
         self.ctx = zmq.Context()
-        self.kv = KVClient(registry_address, NODE_SUBTREES, name=f"{node}[{replica}]").start()
+        # A service producer also follows the acquisitions requested (zpipe.acquisitions).
+        subtrees = NODE_SUBTREES + (("acquire/", "acquired/") if self.spec.service else ())
+        self.kv = KVClient(registry_address, subtrees, name=f"{node}[{replica}]").start()
         self.registry = Registry(self.kv)
         self.roster = roster.Roster(self.kv)
         self.plan = scan_plan(topology)
         self.label = f"{node}[{replica}]"
         self.pipe = pipeline_id(self.kv)
         roster.announce(self.kv, node, replica, host=host, role=self.spec.role, pipe=self.pipe)
+        self.kv.delete(f"flow/{node}/{replica}/end")  # a previous process's end is not ours
+        self.leave = threading.Event()  # asked to leave gracefully (SIGTERM): finish what was sent, then go
         self.meter = Meter(node, replica, self.spec.role, host, os.getpid())
         logging.getLogger().addHandler(WarningsToMeter(self.meter))
         self.status = Publisher(self.kv, self.meter, topology.status.interval)
@@ -119,7 +130,7 @@ class NodeRuntime:
         if spec.binds:
             sock.bind(self._bind_address(sname, spec))
             bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            ep = Endpoint(self.name, self.replica, sname, reachable(bound, self.host_spec.address),
+            ep = Endpoint(self.name, self.replica, sname, reachable(bound, self.address),
                           host=self.host, pid=os.getpid())
             self.registry.publish(ep)
             self._published.append(ep)
@@ -146,7 +157,7 @@ class NodeRuntime:
         sock = self.new_socket(spec)
         sock.bind(self._bind_address(name, spec))
         ep = Endpoint(self.name, self.replica, name,
-                      reachable(sock.getsockopt_string(zmq.LAST_ENDPOINT), self.host_spec.address),
+                      reachable(sock.getsockopt_string(zmq.LAST_ENDPOINT), self.address),
                       host=self.host, pid=os.getpid())
         self.registry.publish(ep)
         with self._lock:
@@ -173,7 +184,7 @@ class NodeRuntime:
     def _bind_address(self, sname: str, spec: SocketSpec) -> str:
         if spec.transport == "ipc":
             return f"ipc://{self.output_dir}/{self.name}-{self.replica}-{sname}.sock"
-        iface = self.host_spec.bind or self.host_spec.address
+        iface = self.host_spec.bind or self.address
         return f"tcp://{iface}:{spec.port or 0}"
 
     def send(self, sock: zmq.Socket, msg, refresh=None, peers=()) -> None:
@@ -212,6 +223,11 @@ class NodeRuntime:
     def refresh(self) -> None:
         for link in self.links.values():
             link.refresh()
+
+    def announce_leaving(self) -> None:
+        """Tell the pipeline we are leaving: senders route nothing new to us (zpipe.roster)."""
+        roster.announce(self.kv, self.name, self.replica, host=self.host, role=self.spec.role, pipe=self.pipe,
+                        leaving=True)
 
     # -- state in the key-value store --------------------------------------------------------
     def key(self, prefix: str, *rest) -> str:

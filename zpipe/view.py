@@ -561,14 +561,15 @@ class Display:
 
 
 def for_runner(kv, topology, host: str, err, lock: threading.Lock, *, exclude=frozenset(),
-               live: bool | None = None) -> Display | None:
-    """The view `zpipe run` keeps while it supervises; None when the topology turned status off."""
+               live: bool | None = None, replicas: dict[str, list[int]] | None = None) -> Display | None:
+    """The view `zpipe run` keeps while it supervises; None when the topology turned status off.
+    `replicas`: the ones this runner starts ({node: [replica, ...]}), when not every one of this host's."""
     if topology.status.interval <= 0:
         return None
     tracker = Tracker(order=list(topology.nodes)).attach(kv)
     for name, node in topology.nodes.items():
-        if node.host == host and name not in exclude:
-            for i in range(node.replicas):
+        if node.host == host and name not in exclude and (replicas is None or name in replicas):
+            for i in (range(node.replicas) if replicas is None else replicas[name]):
                 tracker.expect(name, i, node.role, host)
     return Display(tracker, Console(file=err), f"{topology.name} · registry {kv.address}", live=live, lock=lock,
                    started=time.monotonic()).start()

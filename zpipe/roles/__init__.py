@@ -22,6 +22,7 @@ class RoleSpec:
     requires: frozenset[str] = frozenset()  # NodeSpec fields that must be set
     analyses: bool = False  # runs the node's `analyses` list (plugins of kind "analysis")
     per_thread_inputs: bool = False  # each thread binds its own input socket, registered as name@thread
+    leaves: bool = False  # answers a first SIGTERM by leaving gracefully (finish, hand back, deregister)
 
     def load(self):
         module, _, attr = self.entry.partition(":")
@@ -45,21 +46,21 @@ ROLES: dict[str, RoleSpec] = {
             "producer", "sends a source's scans: expected counts first, then the data, routed by "
             "`route` straight to node groups or through an aggregator",
             plugin_kind="source", inputs=frozenset(), outputs=frozenset({"push"}),
-            min_outputs=1, entry="zpipe.roles.producer:run",
+            min_outputs=1, entry="zpipe.roles.producer:run", leaves=True,
         ),
         RoleSpec(
             "aggregator", "one thread per producer replica: sums expected counts, then relays each "
             "message to node group `route` modulo the number of node groups",
             plugin_kind=None, inputs=frozenset({"pull"}), outputs=frozenset({"push"}),
             min_inputs=1, min_outputs=1, entry="zpipe.roles.aggregator:run",
-            requires=frozenset({"route"}), per_thread_inputs=True,
+            requires=frozenset({"route"}), per_thread_inputs=True, leaves=True,
         ),
         RoleSpec(
             "nodegroup", "receives parts on one socket per thread, assembles items, runs the "
             "analyses on batches, and accounts for every scan",
             plugin_kind=None, inputs=frozenset({"pull"}), outputs=frozenset(),
             min_inputs=1, entry="zpipe.roles.nodegroup:run",
-            requires=frozenset({"assemble"}), analyses=True, per_thread_inputs=True,
+            requires=frozenset({"assemble"}), analyses=True, per_thread_inputs=True, leaves=True,
         ),
     )
 }

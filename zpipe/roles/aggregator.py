@@ -7,7 +7,9 @@ sender's data, one `done` and one `end` each. At a scan's first `info` it tells 
 of the scan (its own `info`), relays the data (zero-copy, never re-encoded), and once every
 producer thread has said `done` (or is gone) tells each node group how many it relayed to it.
 A node group that dies or freezes mid-scan is noticed (zpipe.roster): the rest of its share goes
-to the scan's node groups still alive, so the scan ends on them. One thread serves every
+to the scan's node groups still alive, so the scan ends on them. One that is leaving (its session
+ends) gets nothing new and, at once, our `done` with what it was sent, while others remain; when
+all of them are leaving, they still get the scan until its producers turn to disk. One thread serves every
 channel (zpipe.transport.inbox); a channel whose node group has no room is held while the
 others go on.
 """
@@ -30,6 +32,8 @@ from zpipe.runtime import NodeRuntime
 
 log = logging.getLogger("zpipe.aggregator")
 HELD_POLL_MS = 1  # how often held channels try again
+LEAVE_WAIT = 20.0  # s a leaving aggregator relays the scans under way, at most
+LEAVE_SETTLE = 1.0  # s with no scan open before a leaving aggregator goes
 
 
 def run(rt: NodeRuntime, _make_plugin) -> dict:
@@ -51,7 +55,8 @@ def run(rt: NodeRuntime, _make_plugin) -> dict:
             ch.pull.close(linger=0)
     out = {k: sum(ch.totals[k] for ch in channels) for k in ("messages", "bytes", "undeliverable", "rerouted")}
     out["rejected"] = rejects.count
-    flow.publish(rt.kv, rt.name, rt.replica, "end", done=True, pipe=rt.pipe, **out)
+    if not rt.leave.is_set():  # ended with its producers (left early, it may come back: no `end`)
+        flow.publish(rt.kv, rt.name, rt.replica, "end", done=True, pipe=rt.pipe, **out)
     return out
 
 
@@ -67,6 +72,7 @@ class _Scan:
     received: int = 0
     forwarded: dict = field(default_factory=dict)  # node group -> data messages relayed to it
     gone: set = field(default_factory=set)  # node groups found gone during the scan
+    left: set = field(default_factory=set)  # node groups leaving: handed their `done` early, sent nothing more
     told: set = field(default_factory=set)  # node groups our info reached
     undeliverable: int = 0
     rerouted: int = 0
@@ -104,16 +110,35 @@ class _Relay:
         self.scan_channels: dict[int, set[int]] = {}  # scan -> channels that closed it (for our flow record)
         self.scan_totals: dict[int, dict] = {}
         self.published: dict[int, dict] = {}  # scan -> the flow record published (a late channel adds to it)
+        self.leaving: float | None = None  # when we were asked to leave
+        self.quiet = 0.0
 
     def run(self) -> None:
         rt = self.rt
         rt.meter.state = "streaming"
         Inbox([ch.pull for ch in self.channels]).serve(
             self.take, self.resend,
-            lambda: (self.open > 0 or any(ch.queue for ch in self.channels)) and not rt.stop.is_set(),
+            lambda: (self.open > 0 or any(ch.queue for ch in self.channels)) and not rt.stop.is_set()
+            and not (rt.leave.is_set() and self.may_leave()),
             park_poll_ms=HELD_POLL_MS, tick=self.tick)
         if rt.stop.is_set():
             raise InterruptedError("stopped")
+
+    def may_leave(self) -> bool:
+        """Asked to leave: we say so (producers send new scans to disk), relay the scans under way to
+        their end, and go once none is open (for LEAVE_SETTLE s), or after LEAVE_WAIT s at most."""
+        now = time.monotonic()
+        if self.leaving is None:
+            self.leaving = self.quiet = now
+            self.rt.announce_leaving()
+            log.info("%s: leaving: new scans go to disk; relaying the scans under way to their end", self.rt.label)
+        if any(ch.scans or ch.queue for ch in self.channels):
+            self.quiet = now
+        if now - self.leaving > LEAVE_WAIT:
+            open_scans = sorted({s for ch in self.channels for s in ch.scans})
+            log.warning("%s: leaving with scans %s still open after %g s", self.rt.label, open_scans, LEAVE_WAIT)
+            return True
+        return now - self.quiet > LEAVE_SETTLE
 
     # -- receiving ---------------------------------------------------------------------------------
     def take(self, c: int, frames) -> _Channel | None:
@@ -227,8 +252,8 @@ class _Relay:
         """The node group of the scan this item goes to: `key` mod their number, among those alive."""
         ngs = st.node_groups
         g = ngs[key % len(ngs)]
-        if g in st.gone:
-            alive = [x for x in ngs if x not in st.gone]
+        if g in st.gone or g in st.left:
+            alive = [x for x in ngs if x not in st.gone and x not in st.left]
             if not alive:
                 return None
             g = alive[key % len(alive)]
@@ -244,6 +269,8 @@ class _Relay:
         while ch.queue:
             g, frames, st, key = ch.queue[0]
             data = type(key) is int
+            if key == "handback":  # a leaving node group's done: what it got, counted now that it all went
+                frames = messages.done(self.pipe, st.id, ch.me, st.forwarded.get(g, 0), abandoned=True)
             if g is None:  # data with no node group of the scan alive
                 ch.queue.popleft()
                 st.undeliverable += 1
@@ -288,6 +315,8 @@ class _Relay:
             return
         st.closed = True
         for g in st.node_groups:
+            if g in st.left:
+                continue  # handed its done when it began to leave
             done = messages.done(self.pipe, st.id, ch.me, st.forwarded.get(g, 0), abandoned=g in st.gone)
             if g not in st.gone:
                 self.queue_to(ch, g, done, st, "done")
@@ -308,6 +337,8 @@ class _Relay:
         ch.totals["rerouted"] += st.rerouted
         for g in st.gone:
             tot["gave_up_on"][str(g)] = tot["gave_up_on"].get(str(g), 0) + st.forwarded.get(g, 0)
+        for g in st.left:
+            tot["left"][str(g)] = tot["left"].get(str(g), 0) + st.forwarded.get(g, 0)
         for g, n in st.forwarded.items():
             tot["forwarded"][str(g)] = tot["forwarded"].get(str(g), 0) + n
         tot["producers_gone"] += sorted(s for s in ch.origins if s in ch.gone and s not in st.dones)
@@ -329,8 +360,10 @@ class _Relay:
 
     def maybe_finish(self, ch: _Channel) -> None:
         """The channel is done once every producer thread of it ended (its `end`, corroborated by the
-        producer's own record in the registry: an `end` alone may be forged) or is gone."""
-        if ch.finished or any(s not in ch.ended and s not in ch.gone for s in ch.origins):
+        producer's own record in the registry: an `end` alone may be forged) or is gone (in a pipeline
+        of services, a producer that is gone may come back: only its end finishes the channel)."""
+        service = self.rt.plan.service
+        if ch.finished or any(s not in ch.ended and (s not in ch.gone or service) for s in ch.origins):
             return
         producer, roster = self.rt.plan.producer, self.rt.roster
         if any(s not in ch.gone for s in ch.origins) and not (
@@ -363,10 +396,29 @@ class _Relay:
                     for st in list(ch.scans.values()):
                         self.maybe_close(ch, st)
                     self.maybe_finish(ch)
+            elif ch.gone and self.rt.roster.alive(plan.producer, ch.c):
+                log.info("%s channel %d: %s[%d] is back", self.rt.label, ch.c, plan.producer, ch.c)
+                ch.gone.clear()
+            self.look_for_leaving(ch)
             if ch.queue:
                 self.resend(ch, now)
+
+    def look_for_leaving(self, ch: _Channel) -> None:
+        """A node group of an open scan that began to leave, while others of the scan stay: nothing
+        new goes to it, and it gets our done, counted when everything queued to it went."""
+        roster, node = self.rt.roster, self.rt.plan.node_group
+        for st in ch.scans.values():
+            for g in st.node_groups:
+                if g in st.gone or g in st.left or not roster.leaving(node, g):
+                    continue
+                if any(x != g and x not in st.gone and x not in st.left and not roster.leaving(node, x)
+                       and not roster.gone(node, x) for x in st.node_groups):
+                    st.left.add(g)
+                    log.info("%s channel %d: scan %d: %s[%d] is leaving; the rest of its share goes to the scan's "
+                             "other node groups", self.rt.label, ch.c, st.id, node, g)
+                    ch.queue.append((g, None, st, "handback"))
 
 
 def _empty_totals() -> dict:
     return {"received": 0, "rejected": 0, "undeliverable": 0, "rerouted": 0, "forwarded": {}, "producers_gone": [],
-            "gave_up_on": {}}
+            "gave_up_on": {}, "left": {}}

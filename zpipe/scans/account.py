@@ -145,9 +145,11 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
                            "analyses": {}, "outputs": {}, "rejected_by": {}, "timed_out": False}
 
     # -- what the sources planned and sent ------------------------------------------------------
-    planned = sent = undeliverable = 0
+    planned = sent = undeliverable = written = 0
     unknown_plan = []
     first_sent = last_sent = None
+    disk: dict[int, KeySet] = {}  # part -> the items whose part went to disk mid-scan
+    spilled_to: set[str] = set()
     for r, flow in sorted(producers.items()):
         label = f"{source.get('node', 'producer')}[{r}]"
         if not flow or flow.get("planned") is None:
@@ -156,6 +158,15 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
         planned += int(flow["planned"])
         sent += int(flow.get("sent") or 0)
         undeliverable += int(flow.get("undeliverable") or 0)
+        written += int(flow.get("written") or 0)
+        if isinstance(flow.get("spilled_to"), str):
+            spilled_to.add(flow["spilled_to"])
+        for p, packed in (flow.get("written_items") or {}).items():
+            ks = _processed(packed, keys)
+            if int(p) in disk:
+                disk[int(p)].merge(ks)
+            else:
+                disk[int(p)] = ks
         if not flow.get("done"):
             reasons.append(f"{label} stopped before it finished sending ({gone.get(label, 'no final count')})")
         for k, pick in (("first_sent", min), ("last_sent", max)):
@@ -167,12 +178,19 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
                     first_sent = val
                 else:
                     last_sent = val
-    rep.update(expected=planned, sent=sent)
+    rep.update(expected=planned, sent=sent, written=written)
     if unknown_plan:
         reasons.append(f"no figures for the scan from {', '.join(unknown_plan)} reached the account"
                        + "".join(f" ({label}: {gone[label]})" for label in unknown_plan if label in gone))
-    if planned != sent:
-        reasons.append(f"the sources sent {sent:,} of the {planned:,} messages they planned")
+    if planned != sent + written:
+        reasons.append(f"the sources sent {sent:,}" + (f" and wrote to disk {written:,}" if written else "")
+                       + f" of the {planned:,} messages they planned")
+    if written:
+        spilled = record.get("spilled") if isinstance(record.get("spilled"), dict) else {}
+        where = ", ".join(sorted(spilled_to)) or "the producers' fallback"
+        rep["on_disk"] = {"directory": where, "messages": written, "manifest": spilled.get("manifest")}
+        reasons.append(f"{written:,} messages of the scan went to disk ({where}): nobody downstream could take "
+                       f"them (its node groups left, or the aggregator was gone)")
 
     # -- the aggregator ----------------------------------------------------------------------------
     relayed_in = None
@@ -283,16 +301,31 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
         rep["incomplete"] = incomplete
         reasons.append(f"{len(split):,} items had their parts split between node groups (each part processed, "
                        f"never the whole item)")
+    if disk:  # parts an item lacks in the node groups but that went to disk are not missing
+        with_disk = 0
+        for k, lacking in list(missing_parts.items()):
+            kept = [p for p in lacking if not (p in disk and int(k) in disk[p])]
+            with_disk += len(kept) < len(lacking)
+            missing_parts[k] = kept
+        rep["items_split_with_disk"] = with_disk
     missing_parts = {k: v for k, v in missing_parts.items() if v}
     rep["missing_parts"] = dict(sorted(missing_parts.items(), key=lambda kv: int(kv[0])))
     parts_missing = sum(len(v) for v in missing_parts.values())
     parts_per_item = parts_per_item or meta.get("parts_per_item")  # from the source, if no node group said
     if keys:
         first, count = keys
-        missing = np.flatnonzero(~seen.bits) + first
+        never = ~seen.bits  # items no node group processed
+        on_disk = np.zeros(count, dtype=np.int64)  # parts of each item written to disk
+        for ks in disk.values():
+            on_disk += ks.bits
+        missing = np.flatnonzero(never & (on_disk == 0)) + first
+        disk_only = never & (on_disk > 0)
         rep["items"] = {"expected": count, "processed": int(seen.bits.sum()), "complete": complete,
                         "incomplete": incomplete, "missing": len(missing), "duplicates": duplicates,
                         "outside_range": len(seen.extra)}
+        if disk:
+            rep["items"]["on_disk"] = int(disk_only.sum())
+            rep["on_disk"]["item_ranges"] = ranges((np.flatnonzero(disk_only) + first).tolist())[:10_000]
         rep["missing_items"] = missing.tolist() if len(missing) <= 100_000 else []
         rep["missing_item_ranges"] = ranges(missing.tolist())
         if len(missing):
@@ -302,6 +335,7 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
             reasons.append(f"{duplicates:,} whole items were processed by more than one node group")
         if parts_per_item:
             parts_missing += len(missing) * parts_per_item
+            parts_missing += int(np.maximum(parts_per_item - on_disk[disk_only], 0).sum())
             # Parts the sources never had: the scan's parts less those the producers planned to send.
             rep["parts_lost_upstream"] = max(0, count * parts_per_item - planned) if not unknown_plan else None
             if rep["parts_lost_upstream"] is not None and parts_missing > rep["parts_lost_upstream"]:
@@ -394,6 +428,8 @@ def summary_line(rep: dict) -> str:
         parts.append(f"{lost:,} missing parts ({shown}{more})")
     if items.get("missing"):
         parts.append(f"{items['missing']:,} items missing entirely")
+    if rep.get("written"):
+        parts.append(f"{rep['written']:,} written to disk ({(rep.get('on_disk') or {}).get('directory', '?')})")
     for f in ("rejected", "undeliverable", "lost_in_transit"):
         if rep.get(f):
             parts.append(f"{rep[f]:,} {f.replace('_', ' ')}")
@@ -408,6 +444,12 @@ def summary_line(rep: dict) -> str:
 
 def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def to_disk_why(fb: dict) -> str:
+    """Why a scan went to disk, in the account's words."""
+    why = fb.get("why")
+    return "no node group" if why in (None, "no node group is registered") else str(why)
 
 
 def on_disk(scan: int, record: dict, producers: dict[int, dict | None]) -> dict[str, Any]:
@@ -425,6 +467,7 @@ def on_disk(scan: int, record: dict, producers: dict[int, dict | None]) -> dict[
     return {"scan": scan, "outcome": outcome, "ok": outcome == "complete", "reasons": reasons,
             "expected": planned, "written": written, "received": 0, "complete": 0, "incomplete": 0,
             "on_disk": fb, "node_groups": [], "analyses": {}, "missing_parts": {}, "missing_items": [],
-            "lost_parts": 0, "summary": f"scan {scan}: no node group; {written:,} of {planned:,} messages written "
+            "lost_parts": 0, "summary": f"scan {scan}: {to_disk_why(fb)}; {written:,} of {planned:,} "
+                                        f"messages written "
                                         f"to disk as {fb.get('files', '?')} files in {fb.get('directory')} "
                                         f"(manifest {fb.get('manifest', '?')})"}

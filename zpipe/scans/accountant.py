@@ -27,6 +27,7 @@ log = logging.getLogger("zpipe.accountant")
 SUBTREES = ("scans/", "flow/", "nodes/")
 TICK = 0.2
 MAX_PARTIES = 4096  # producer replicas, node groups: what a record may name
+ON_DISK_WAIT = 15.0  # s after a scan's files were made final that a producer's figures are waited for
 UNSEEN_GRACE = 10.0  # s after every sender finished: a live node group with no part never saw the scan
 
 
@@ -109,7 +110,8 @@ class Accountant(threading.Thread):
             self._senders_done.pop(scan, None)
         self._pipes[scan] = pipe
         if rec.get("fallback"):
-            if rec.get("status") == "done" and scan not in self.closed:
+            if rec.get("status") == "done" and scan not in self.closed and (
+                    final is not None or self._producers_through(scan, rec, flows)):
                 self._close_on_disk(scan, rec, flows)
                 return True
             return False
@@ -245,7 +247,7 @@ class Accountant(threading.Thread):
         self.kv.set(record.report_key(scan), rep)
         summary = rep.get("summary") or (account.summary_line(rep) + "".join(
             f"; {name} wrote {out}" for name, out in (rep.get("outputs") or {}).items()))
-        fields = {} if rep.get("on_disk") else {"status": "done", "summary": summary}
+        fields = {"summary": summary} if rep.get("on_disk") else {"status": "done", "summary": summary}
         record.update(self.kv, scan, pipe=pipe, outcome=rep["outcome"], ok=rep["ok"], report_file=path,
                       revision=rep.get("revision"), expected=rep.get("expected"), received=rep.get("received"),
                       complete=rep.get("complete"), incomplete=rep.get("incomplete"), lost_parts=rep.get("lost_parts"),
@@ -254,6 +256,22 @@ class Accountant(threading.Thread):
         while len(self.reports) > 4096:  # a long service: the runner prints its own run's, these are a cache
             self.reports.pop(next(iter(self.reports)))
         log.info("%s", summary)
+
+    def _producers_through(self, scan: int, rec: dict, flows: dict) -> bool:
+        """Every producer of a scan on disk has published its final figures, or is gone, or it is
+        ON_DISK_WAIT seconds since the scan's files were made final."""
+        source = rec.get("source") if isinstance(rec.get("source"), dict) else {}
+        pnode, preps = source.get("node", "producer"), source.get("replicas")
+        if type(preps) is not int or not 0 <= preps <= MAX_PARTIES or not isinstance(pnode, str):
+            return True  # _close_on_disk says what is wrong with it
+        finished = rec.get("finished")
+        if isinstance(finished, (int, float)) and time.time() - finished > ON_DISK_WAIT:
+            return True
+        for r in range(preps):
+            f = flows.get(f"flow/{pnode}/{r}/{scan}")
+            if not (isinstance(f, dict) and f.get("done")) and not self.roster.gone(pnode, r):
+                return False
+        return True
 
     def _close_on_disk(self, scan: int, rec: dict, flows: dict) -> None:
         source = rec.get("source") if isinstance(rec.get("source"), dict) else {}

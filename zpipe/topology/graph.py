@@ -104,6 +104,9 @@ def _check_role_and_plugin(report: "Report", base, node: NodeSpec) -> None:
         if getattr(node, fld) is not None and fld not in role.requires and not (
                 fld in ("route", "fallback") and role.name == "producer"):
             report.add((*base, fld), f"role {role.name!r} has no use for `{fld}`")
+    if node.service and role.name != "producer":
+        report.add((*base, "service"), f"role {role.name!r} cannot be a service; only a producer takes acquisitions "
+                   f"(the others serve as long as their senders do)")
     if role.analyses:
         if not node.analyses:
             report.add(base, f"role {role.name!r} needs at least one entry in `analyses`", at_key=True)
@@ -130,6 +133,11 @@ def _check_role_and_plugin(report: "Report", base, node: NodeSpec) -> None:
         report.add(base, f"role {role.name!r} needs a `plugin` of kind {role.plugin_kind!r}", at_key=True)
         return
     _check_plugin(report, base, node.plugin, node.params, role.plugin_kind, role.name)
+    if node.service and node.plugin and report.checks_plugins_of(base[1]):
+        info = catalog.info(node.plugin)
+        if info is not None and info.ok and info.kind == "source" and not info.cls.takes_requests():
+            report.add((*base, "service"), f"plugin {node.plugin!r} takes no acquisition requests (it has no "
+                       f"`acquire`), so it cannot run as a service; run it in batch (service: false)")
 
 
 def _check_plugin(report: "Report", base, name: str, params: dict, kind: str, role: str) -> None:

@@ -216,7 +216,9 @@ class NodeSpec(Strict):
     fallback: str | None = Field(None, min_length=1, description="producer: directory for a scan's data when no "
                                  "node group is registered; default: no fallback, wait")
     fallback_wait: float = Field(5.0, ge=0, le=24 * HOUR, description="producer: seconds a scan waits for a node group "
-                                 "to register before it goes to `fallback`")
+                                 "to register before it goes to `fallback` (in batch runs; a service does not wait)")
+    service: bool = Field(False, description="producer: run as a service, sending a scan for each acquisition "
+                          "requested while it runs (`zpipe acquire`), until stopped, instead of the source's own scans")
     host: Name = "localhost"
     replicas: int = Field(1, ge=1, le=4096)
     threads: int = Field(1, ge=1, le=1024, description="parallel streams: sending threads, or channels / "

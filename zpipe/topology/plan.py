@@ -77,6 +77,8 @@ class ScanPlan:
     ng_threads: int  # the node group's receiving sockets
     ng_replicas: int
     key: str | None  # the header field that names an item (assemble.key)
+    part: str | None = None  # the header field that numbers an item's part (assemble.part)
+    service: bool = False  # the producers run as services: a sender that is gone may come back
     extra: dict = field(default_factory=dict, compare=False)
 
     # -- who sends what where ------------------------------------------------------------------
@@ -196,5 +198,6 @@ def scan_plan(topology: Topology) -> ScanPlan | None:
         producer=pname, producer_out=outs[0], producer_replicas=prod.replicas, producer_threads=prod.threads,
         route=route, aggregator=agg, aggregator_in=agg_in, aggregator_out=agg_out,
         node_group=gname, node_group_in=ng_in[0], ng_threads=group.threads, ng_replicas=group.replicas,
-        key=group.assemble.key if group.assemble else None,
+        key=group.assemble.key if group.assemble else None, part=group.assemble.part if group.assemble else None,
+        service=prod.service,
     )

@@ -11,6 +11,12 @@ A scan closes when every upstream sender has said `done` (or is gone, or ended),
 last resort, `scan_timeout` seconds after it went quiet; either way the incomplete items are
 processed too, and the part names what is missing. The accountant (zpipe.scans.accountant)
 adds the parts up; this node group never waits for the others' parts.
+
+Asked to leave (the first SIGTERM: its session ends), a node group says so in its liveness key
+(zpipe.roster); its senders route the rest of their scans elsewhere and send it their `done`
+at once, so it closes its open scans with everything it was sent, publishes their parts and
+results, and exits: after LEAVE_WAIT seconds, or once what the queues upstream held stopped
+coming, LEAVE_MAX seconds at most, it closes what is still open, naming the senders not through.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ log = logging.getLogger("zpipe.nodegroup")
 PROGRESS_EVERY = 1.0  # s between the parts published while a scan is open
 STALLED = 1.0  # s between two turns of the control loop that mean this process itself was stopped
 WORKER_WAIT = 600.0  # s a closing scan waits for a worker still inside an analysis hook, at most
+LEAVE_WAIT = 10.0  # s a leaving node group waits for its senders' `done`s before it closes with what arrived,
+LEAVE_QUIET = 2.0  # ... or longer while parts still arrive (the queues upstream draining), until none came
+LEAVE_MAX = 20.0  # for this long, or this long at most (the runner's grace after a signal is 25 s)
+LEAVE_SETTLE = 1.0  # s a leaving node group with nothing open waits for an info already on its way
 
 
 def run(rt: NodeRuntime, _make_plugin) -> dict:
@@ -95,9 +105,23 @@ class NodeGroup:
         for th in (*workers, receiver):
             th.start()
         last_progress = last_preview = previous = 0.0
+        leaving = quiet_since = None
         try:
             while not self.rt.stop.is_set():
                 now = time.monotonic()
+                if self.rt.leave.is_set():
+                    if leaving is None:
+                        leaving = quiet_since = now
+                        self.rt.announce_leaving()
+                        log.info("%s: leaving: nothing new is routed here; closing the open scans with what "
+                                 "their senders sent", self.rt.label)
+                    if self.leave_step(now, leaving):
+                        break
+                    with self.receiver.lock:
+                        if self.receiver.scans:
+                            quiet_since = now
+                    if now - quiet_since > LEAVE_SETTLE:
+                        break
                 if previous and now - previous > STALLED:
                     # We were not running (SIGSTOP, a swapped-out host): nobody was quiet, we were.
                     with self.receiver.lock:
@@ -153,6 +177,22 @@ class NodeGroup:
             if through or quiet:
                 self.close_scan(st, timed_out=not through, left=left)
 
+    def leave_step(self, now: float, leaving: float) -> bool:
+        """While leaving: past LEAVE_WAIT, close every open scan with what arrived, naming the senders
+        that had not handed back their share; True then (time to go)."""
+        if now - leaving <= LEAVE_WAIT:
+            return False
+        with self.receiver.lock:
+            open_scans = list(self.receiver.scans.values())
+        if now - leaving <= LEAVE_MAX and any(now - st.last < LEAVE_QUIET for st in open_scans):
+            return False  # still draining
+        for st in open_scans:
+            with self.receiver.lock:
+                left = {s: f"had not said done {now - leaving:.0f} s after this node group began to leave"
+                        for s in self.plan.ng_senders if (st.senders.get(s) or _NO).done is None}
+            self.close_scan(st, timed_out=False, left=left)
+        return True
+
     # -- closing a scan ------------------------------------------------------------------------------------
     def close_scan(self, st: ScanState, timed_out: bool, left: dict[str, str]) -> None:
         rt = self.rt
@@ -164,7 +204,7 @@ class NodeGroup:
         with self.receiver.lock:
             senders = dict(st.senders)
         for s, snd in senders.items():
-            if snd.abandoned:
+            if snd.abandoned and not self.rt.leave.is_set():
                 left[s] = "gave up on this node group mid-scan (it looked gone) and sent the rest elsewhere"
         for s, why in left.items():
             log.warning("%s: scan %d: sender %s %s", rt.label, st.id, s, why)

@@ -121,6 +121,7 @@ class Receiver:
         self.ended: set[str] = set()  # immediate senders that said `end`, corroborated by their end record
         self.claimed_end: set[str] = set()  # said `end`, not yet corroborated (an `end` alone may be forged)
         self.gone: dict[str, str] = {}  # immediate senders found gone -> why
+        self.ended_as: dict[str, float | None] = {}  # ended sender -> the incarnation (zpipe.roster) that ended
         self.into: list[frozenset] = [frozenset(self.plan.senders_into(t)) for t in range(self.spec.threads)]
         self.finished = threading.Event()  # every sender ended or is gone
         self.messages = 0
@@ -130,7 +131,7 @@ class Receiver:
     def serve(self) -> None:
         socks = [self.rt.bind_per_thread(self.plan.node_group_in, t) for t in range(self.spec.threads)]
         try:
-            Inbox(socks).serve(self.take, self.retry, lambda: not self.finished.is_set() and not self.rt.stop.is_set(),
+            Inbox(socks).serve(self.take, self.retry, lambda: not (self.finished.is_set() or self.rt.stop.is_set() or self.group.stopping),
                                park_poll_ms=PARK_POLL_MS, tick=self.tick)
         finally:
             for sock in socks:
@@ -140,21 +141,30 @@ class Receiver:
         """Notice upstream senders that are gone: they will send nothing more. The parts they carried
         will not come: items that lack only those go to the workers now (zpipe.assemble.over)."""
         newly = []
+        roster = self.rt.roster
         for s, (node, replica) in self.plan.sender_nodes.items():
             if s not in self.ended and s not in self.gone:
-                why = self.rt.roster.departed(node, replica, self.pipe)
+                why = roster.departed(node, replica, self.pipe)
                 if why:
                     self.gone[s] = why
                     newly.append(s)
+            elif s in self.gone and roster.alive(node, replica):
+                del self.gone[s]  # back (it froze, or was restarted): its next scans are waited for again
+                log.info("%s: sender %s is back", self.rt.label, s)
+            elif s in self.ended and roster.incarnation(node, replica) not in (None, self.ended_as.get(s)):
+                self.ended.discard(s)  # a new process in its place (a service restarted): it sends again
+                log.info("%s: sender %s is back (restarted)", self.rt.label, s)
         for s in list(self.claimed_end):
             node, replica = self.plan.sender_nodes[s]
-            if self.rt.roster.ended(node, replica, self.pipe):  # its own record corroborates its `end`
+            if roster.ended(node, replica, self.pipe):  # its own record corroborates its `end`
                 self.claimed_end.discard(s)
                 self.ended.add(s)
+                self.ended_as[s] = roster.incarnation(node, replica)
                 newly.append(s)
         if newly:
             self.parts_over()
-        if all(s in self.ended or s in self.gone for s in self.plan.ng_senders):
+        # In a pipeline of services, senders that are gone may come back: only their clean ends end us.
+        if all(s in self.ended or (s in self.gone and not self.plan.service) for s in self.plan.ng_senders):
             self.finished.set()
 
     def over_for(self, st: "ScanState") -> set[int]:
@@ -381,6 +391,12 @@ class Receiver:
         lane = p.lane
         if lane.ready >= READY_MAX:
             return True  # the worker is behind: wait for it (it always moves on: see workers)
+        if self.rt.leave.is_set():
+            # Leaving: nothing new is routed here, so what still comes is what the queues upstream
+            # held (bounded by their HWMs). Its sectors stop at different points (each producer
+            # thread turns to disk on its own), so items no longer complete in step: holding parts
+            # for them would only slow the drain to the safety net's pace.
+            return False
         asm = lane.assemblers.get(p.st.id)
         if asm is None or p.key in asm.pending or p.key in asm.stale or len(asm.pending) < IN_FLIGHT // 2:
             return False  # a new scan, a part an item waits for, or plenty of room
