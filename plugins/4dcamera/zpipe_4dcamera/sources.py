@@ -9,10 +9,10 @@ from typing import Literal
 
 import numpy as np
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from zpipe.geometry import Geometry
-from zpipe.plugin import Context, Message, Params, Scan, Source
+from zpipe.plugin import Context, Message, Params, Request, Scan, Source
 
 from . import SECTOR_SHAPE, SECTORS
 from .rawfile import (BadRecord, SectorFileWriter, describe_bad, manifest_path, module_of, read_headers, read_manifest,
@@ -55,15 +55,53 @@ class CameraSource(Source):
         payload: Literal["simulated", "constant"] = Field(
             "simulated", description="constant: one prepared sector sent over and over, to measure transport alone")
 
+    class Request(Request):
+        """An acquisition's own settings (`zpipe acquire --shape 64x64 --set seed=3 ...`); unset: the node's params."""
+
+        scan_shape: tuple[int, int] | None = Field(None, description="scan positions (width, height)")
+        electrons_per_frame: float | None = Field(None, ge=0)
+        xray_probability: float | None = Field(None, ge=0, le=1)
+        loss: float | None = Field(None, ge=0, le=1)
+        seed: int | None = Field(None, ge=0)
+        rate: float | None = Field(None, gt=0)
+        first_frame: int | None = Field(None, ge=0)
+
+        @field_validator("scan_shape")
+        @classmethod
+        def _shape(cls, shape):
+            if shape is not None and not (1 <= shape[0] <= 4096 and 1 <= shape[1] <= 4096):
+                raise ValueError(f"a scan of {shape[0]}x{shape[1]} positions; each side is 1 to 4096")
+            return shape
+
     def setup(self, ctx: Context) -> None:
         self.ctx = ctx
         self.sectors = _my_sectors(ctx, self.params.sectors)
         self._cameras: dict[int, SimulatedCamera] = {}
+        self._requested: dict[int, Params] = {}  # scan -> the params an acquisition asked for
+
+    def params_of(self, scan: Scan) -> Params:
+        return self._requested.get(scan.id, self.params)
+
+    def acquire(self, scan_id: int, request: "CameraSource.Request") -> Scan:
+        """A simulated scan with the node's params, overridden by what the acquisition asks for; its
+        seed is the request's (or the node's) plus the scan number, as in batch."""
+        asked = {k: v for k, v in request.model_dump().items() if v is not None}
+        params = self.params.model_copy(update=asked)
+        self._requested[scan_id] = params
+        while len(self._requested) > 16:
+            self._requested.pop(next(iter(self._requested)))
+        return self._scan(scan_id, params)
+
+    def _scan(self, number: int, p: Params) -> Scan:
+        n = p.scan_shape[0] * p.scan_shape[1]
+        return Scan(number, {"scan_shape": list(p.scan_shape), "keys": [p.first_frame, n], "frames": n,
+                             "sectors": SECTORS, "parts_per_item": SECTORS, "geometry": geometry(p.scan_shape),
+                             "seed": p.seed + number})
 
     def camera(self, scan: Scan) -> SimulatedCamera:
         cam = self._cameras.get(scan.id)
         if cam is None:
-            p = self.params
+            p = self.params_of(scan)
             self._cameras = {scan.id: SimulatedCamera(
                 scan_shape=p.scan_shape, electrons_per_frame=p.electrons_per_frame,
                 xray_probability=p.xray_probability, seed=p.seed + scan.id, first_frame=p.first_frame,
@@ -73,11 +111,8 @@ class CameraSource(Source):
 
     def scans(self) -> Iterator[Scan]:
         p = self.params
-        n = p.scan_shape[0] * p.scan_shape[1]
         for i in range(p.scans):
-            yield Scan(p.first_scan + i, {"scan_shape": list(p.scan_shape), "keys": [p.first_frame, n],
-                                          "frames": n, "sectors": SECTORS, "parts_per_item": SECTORS,
-                                          "geometry": geometry(p.scan_shape), "seed": p.seed + p.first_scan + i})
+            yield self._scan(p.first_scan + i, p)
 
     def _frames(self, scan: Scan, thread: int, threads: int) -> range:
         return range(thread, self.camera(scan).n_frames, threads)
@@ -95,7 +130,8 @@ class CameraSource(Source):
         constant = None
         if self.params.payload == "constant":
             constant = np.full(SECTOR_SHAPE, 20, dtype=np.uint16)
-        per_thread_rate = self.params.rate / threads if self.params.rate else None
+        rate = self.params_of(scan).rate
+        per_thread_rate = rate / threads if rate else None
         t0 = time.perf_counter()
         for n, i in enumerate(frames):
             if per_thread_rate and n % 16 == 0:
@@ -112,7 +148,7 @@ class CameraSource(Source):
 
     def finish_recording(self, scan: Scan, directory: str, manifests: list) -> dict:
         modules = [m for per_thread in manifests for m in per_thread["modules"]]
-        path = write_manifest(directory, scan.id, tuple(self.params.scan_shape), modules)
+        path = write_manifest(directory, scan.id, tuple(self.params_of(scan).scan_shape), modules)
         return {"manifest": str(path), "files": sum(len(m["files"]) for m in modules)}
 
 
@@ -121,7 +157,7 @@ class SectorRecorder:
 
     def __init__(self, source: CameraSource, scan: Scan, directory: str):
         self.source, self.scan = source, scan
-        shape = tuple(source.params.scan_shape)
+        shape = tuple(source.params_of(scan).scan_shape)
         self.writers = {k: SectorFileWriter(directory, scan.id, k, dst=source.ctx.thread, scan_shape=shape,
                                             max_bytes=source.params.max_file_bytes) for k in source.sectors}
 
