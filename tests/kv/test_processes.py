@@ -340,8 +340,9 @@ def test_an_owner_process_restores_what_an_outsider_overwrote_or_deleted(spawn):
     try:
         observer.wait(lambda items: items.get(key) == "owner's")
 
-        def undone(value) -> float:
-            n = len(seen)
+        def undone(value, action) -> float:
+            n = len(seen)  # before the action: its echo can come back before we look
+            action()
             t0 = time.monotonic()
             while not any(v == value for _, v in seen[n:]):
                 assert time.monotonic() - t0 < 5, seen
@@ -353,10 +354,9 @@ def test_an_owner_process_restores_what_an_outsider_overwrote_or_deleted(spawn):
             j = next(j for j in range(i, len(seen)) if seen[j][1] == "owner's")
             return seen[j][0] - seen[i][0]
 
-        outsider.set(key, "outsider's")  # a plain write: the outsider lets go once undone
-        overwrite = undone("outsider's")
-        outsider.delete(key)
-        deletion = undone(None)
+        # A plain write: the outsider lets go once undone.
+        overwrite = undone("outsider's", lambda: outsider.set(key, "outsider's"))
+        deletion = undone(None, lambda: outsider.delete(key))
         time.sleep(0.3)
         for client in (outsider, observer):
             assert client.get(key) == "owner's"
