@@ -180,6 +180,10 @@ def parser() -> argparse.ArgumentParser:
 
     add_acquire(sub)
 
+    from zpipe.keyscmd import add_parser as add_keys
+
+    add_keys(sub)
+
     p = sub.add_parser("plugins", help="list installed plugins, their kind, distribution and parameters")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
