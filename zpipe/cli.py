@@ -1,4 +1,4 @@
-"""The `zpipe` command: validate, run, replay, acquire, status, plugins, kv."""
+"""The `zpipe` command: validate, run, replay, acquire, submit, sessions, status, plugins, kv."""
 
 from __future__ import annotations
 
@@ -183,6 +183,10 @@ def parser() -> argparse.ArgumentParser:
     from zpipe.keyscmd import add_parser as add_keys
 
     add_keys(sub)
+
+    from zpipe.submit import add_parser as add_submit
+
+    add_submit(sub)
 
     p = sub.add_parser("plugins", help="list installed plugins, their kind, distribution and parameters")
     p.add_argument("--json", action="store_true")
