@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zpipe import view
+from zpipe import security, view
 from zpipe.hosts import AddressError, registry_from_topology, resolve
 from zpipe.kv import KVClient, KVServer
 from zpipe.runtime import PIPELINE_KEY
@@ -178,8 +178,10 @@ class Runner:
         except AddressError as exc:
             raise RunError(str(exc)) from None
         try:
-            self.server = KVServer(f"tcp://{hs.bind or self.address}:{reg.port}", advertise=self.address).start()
-            self.accountant = Accountant(self.server.address, self.output_dir).start()
+            self.server = KVServer(f"tcp://{hs.bind or self.address}:{reg.port}", advertise=self.address,
+                                   auth=security.server_auth(self.topology)).start()
+            self.accountant = Accountant(self.server.address, self.output_dir,
+                                         curve=security.client_for(self.topology, security.REGISTRY)).start()
         except Exception as exc:  # an address not on this machine, a port taken: one line, not a traceback
             raise RunError(f"cannot start the registry on host {self.host!r}: {exc}") from None
         return self.server.address
@@ -325,7 +327,8 @@ class Runner:
             os.makedirs(self.output_dir, exist_ok=True)
             registry = self._registry()
             try:
-                self.kv = KVClient(registry, name="runner",
+                self.kv = KVClient(registry, name="runner", curve=security.client_for(
+                                       self.topology, security.REGISTRY if self.server else security.RUNNER),
                                    connect_timeout=10.0 if self.server else REGISTRY_WAIT).start()
             except (TimeoutError, RuntimeError) as exc:
                 raise RunError(f"the registry at {registry} does not answer: {exc}") from None

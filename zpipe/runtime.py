@@ -102,7 +102,10 @@ class NodeRuntime:
         self.ctx = zmq.Context()
         # A service producer also follows the acquisitions requested (zpipe.acquisitions).
         subtrees = NODE_SUBTREES + (("acquire/", "acquired/") if self.spec.service else ())
-        self.kv = KVClient(registry_address, subtrees, name=f"{node}[{replica}]").start()
+        from zpipe import security
+
+        self.kv = KVClient(registry_address, subtrees, name=f"{node}[{replica}]",
+                           curve=security.client_for(topology, node)).start()
         self.registry = Registry(self.kv)
         self.roster = roster.Roster(self.kv)
         self.plan = scan_plan(topology)

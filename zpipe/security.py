@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import zmq
+from zmq.utils import z85
 
 log = logging.getLogger("zpipe.security")
 
@@ -157,7 +158,7 @@ def public_keys(directory: str) -> dict[bytes, str]:
     keys: dict[bytes, str] = {}
     for f in files:
         if f.endswith(PUBLIC_EXT) and IDENTITY.match(f[:-len(PUBLIC_EXT)]):
-            keys[zmq.z85_decode(_read(os.path.join(directory, f))[0])] = f[:-len(PUBLIC_EXT)]
+            keys[z85.decode(_read(os.path.join(directory, f))[0])] = f[:-len(PUBLIC_EXT)]
     return keys
 
 
@@ -322,7 +323,7 @@ class Zap:
             if name is not None:
                 self.accepted[name] += 1
                 return [b"1.0", request_id, b"200", b"OK", name.encode(), b""]
-            return self._refuse(request_id, addr, zmq.z85_encode(creds[0]).decode(), "unknown CURVE key")
+            return self._refuse(request_id, addr, z85.encode(creds[0]).decode(), "unknown CURVE key")
         if mechanism == b"NULL" and domain == ALLOW_DOMAIN and self.allow is not None:
             if addr in self.allow():
                 self.accepted[addr] += 1
@@ -412,6 +413,13 @@ def check(report, top, nodes: dict, base_dir: str) -> None:
         report.add(("security", "keys"), f"key directory {directory!r} does not exist; make it with "
                    f"`zpipe keys {sec.keys} --topology FILE`")
         return
+    for n in [*SPECIAL, *nodes]:  # the secrets this host holds (another host may hold others)
+        path = os.path.join(directory, n + SECRET_EXT)
+        if os.path.exists(path):
+            try:
+                check_private(path)
+            except SecurityError as exc:
+                report.add(("security", "keys"), str(exc))
     missing = [n for n in [*SPECIAL, *nodes] if not os.path.exists(os.path.join(directory, n + PUBLIC_EXT))]
     if missing:
         report.add(("security", "keys"), f"no public key for {', '.join(missing)} in {directory!r}; "

@@ -600,6 +600,8 @@ class Agent:
             self.poller.unregister(self.dealer)
             self.dealer.close(linger=0)
         self.dealer = self.ctx.socket(zmq.DEALER)
+        if self.c.curve is not None:
+            self.c.curve.client(self.dealer)
         self.dealer.linger = 0
         self.dealer.connect(self.c.address)
         self.poller.register(self.dealer, zmq.POLLIN)
@@ -607,6 +609,8 @@ class Agent:
     def connect(self, pub: str, collector: str) -> None:
         self.close_data(push_linger=0)  # anything queued was for a server that is gone
         self.sub = self.ctx.socket(zmq.SUB)
+        if self.c.curve is not None:
+            self.c.curve.client(self.sub)
         self.sub.linger = 0
         self.sub.rcvhwm = p.HWM
         self.sub.subscribe(p.HEARTBEAT_TOPIC)
@@ -616,6 +620,8 @@ class Agent:
         self.poller.register(self.monitor, zmq.POLLIN)
         self.sub.connect(pub)
         self.push = self.ctx.socket(zmq.PUSH)
+        if self.c.curve is not None:
+            self.c.curve.client(self.push)
         self.push.sndhwm = p.HWM
         self.push.connect(collector)
         self.endpoints = (pub, collector)

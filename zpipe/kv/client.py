@@ -50,6 +50,7 @@ class KVClient:
         heartbeat_timeout: float = 3.0,
         name: str = "",
         connect_timeout: float = 10.0,
+        curve=None,
     ):
         if isinstance(subtrees, str):
             subtrees = (subtrees,)
@@ -58,6 +59,9 @@ class KVClient:
         self.heartbeat_timeout = heartbeat_timeout
         self.connect_timeout = connect_timeout
         self.name = name or f"kv-client-{os.getpid()}"
+        # zpipe.security.Curve: this client's key pair and the server's public key (a secured
+        # topology); None: plain sockets, as before.
+        self.curve = curve
         # Marks our own writes in the update stream (ownership, see Agent.on_update).
         self.client_id = uuid.uuid4().bytes[:8]
         self.resyncs = 0  # snapshots taken after the first one
@@ -102,6 +106,8 @@ class KVClient:
                 raise TimeoutError(
                     f"no answer from KV server at {self.address} "
                     f"within {self.connect_timeout:g} s"
+                    + (" (CURVE: the server refuses a key not in its key directory, and a server whose key "
+                       "is not the registry's is not answered)" if self.curve is not None else "")
                 )
         return self
 

@@ -9,6 +9,14 @@ The state lives in memory only: after a restart, clients re-publish what they ow
 Anyone who can reach its ports can send it anything: whatever is malformed (see
 protocol.py) is dropped, counted in ``KVServer.rejected`` and logged once per
 reason; nothing a peer sends can stop the loop or reach the other clients.
+
+With ``auth`` (zpipe.security.ServerAuth, from a topology's ``security:``) its three
+sockets are CURVE servers: only clients whose public key is in the key directory
+complete a handshake (a ZAP handler in the server's context decides, and counts and
+names whoever it refuses), and every write is checked against its writer's
+authenticated identity (the User-Id of the message): one the policy does not allow
+is dropped, counted per identity in ``KVServer.denied`` and under the key
+``security/denied/{identity}``, and logged once per identity and key kind.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ class KVServer:
         advertise: str | None = None,
         pub_bind: str | None = None,
         collector_bind: str | None = None,
+        auth=None,
     ):
         if not 0 < heartbeat <= p.MAX_HEARTBEAT:  # clients would refuse its HELLO
             raise ValueError(f"heartbeat must be in (0, {p.MAX_HEARTBEAT:g}] seconds, got {heartbeat}")
@@ -71,6 +80,12 @@ class KVServer:
         # Malformed messages dropped, by reason (see protocol.py); written by the
         # server's thread only.
         self.rejected: dict[str, int] = {}
+        self.auth = auth  # zpipe.security.ServerAuth, or None: no CURVE, no checks (as before)
+
+    @property
+    def denied(self) -> dict[str, dict]:
+        """Writes refused (security on): identity -> {"writes", "last_key", "at"}."""
+        return self.auth.denied if self.auth is not None else {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -121,10 +136,18 @@ class KVServer:
         """Bind, then serve in the calling thread until ``stop`` is set."""
         ctx = zmq.Context()
         sockets = []
+        auth = self.auth
+        if auth is not None:
+            from zpipe.security import Zap
+
+            # Bound before the sockets: a CURVE server with no ZAP handler would accept any key.
+            auth.zap = Zap(ctx, keys=auth.keys, label=f"the registry bound at {self.bind}")
 
         # linger 0 everywhere: state is soft, nothing is worth waiting for at exit.
         try:
             router = ctx.socket(zmq.ROUTER)
+            if auth is not None:
+                auth.serve(router)
             router.linger = 0
             # Beyond this ZeroMQ drops the connection before we see the message:
             # a memory guard, far above MAX_REQUEST (which we count).
@@ -132,11 +155,15 @@ class KVServer:
             sockets.append(router)
             router.bind(self.bind)
             pub = ctx.socket(zmq.PUB)
+            if auth is not None:
+                auth.serve(pub)
             pub.linger = 0
             pub.sndhwm = p.HWM
             sockets.append(pub)
             pub.bind(self.pub_bind)
             collector = ctx.socket(zmq.PULL)
+            if auth is not None:
+                auth.serve(collector)
             collector.linger = 0
             collector.maxmsgsize = 2 * p.MAX_BODY  # the same kind of guard
             sockets.append(collector)
@@ -164,6 +191,8 @@ class KVServer:
                 )
             for s in sockets:
                 s.close(linger=0)
+            if auth is not None and auth.zap is not None:
+                auth.zap.stop()
             ctx.term()
 
 
@@ -181,15 +210,53 @@ class _Loop:
         # because refreshes are far more frequent than expiries.
         self.deadline: dict[str, float] = {}
         self.heap: list[tuple[float, str]] = []
+        self.auth = server.auth
+        self.denied_dirty: set[str] = set()  # identities whose count of refused writes is not yet published
+        self.denied_logged: set[tuple[str, str]] = set()
+        self.handshakes_published = 0
+        self.protocol_failed: dict[str, int] = {}  # socket -> handshakes failed before ZAP (no CURVE)
 
     def run(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.collector, zmq.POLLIN)
+        monitors = {}
+        if self.auth is not None:
+            # A peer without CURVE (or with a broken handshake) never reaches the ZAP handler:
+            # the sockets' monitors count it.
+            events = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            for what, sock in (("snapshot", self.router), ("updates", self.pub), ("collector", self.collector)):
+                mon = sock.get_monitor_socket(events)
+                monitors[mon] = what
+                poller.register(mon, zmq.POLLIN)
+        try:
+            self._run(stop, poller, monitors)
+        finally:
+            for mon in monitors:
+                mon.close(linger=0)
+
+    def on_monitor(self, mon, what: str) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            n = self.protocol_failed.get(what, 0)
+            self.protocol_failed[what] = n + 1
+            if n == 0:
+                log.warning("KV server at %s: a peer failed the CURVE handshake on its %s socket (no key, or "
+                            "not CURVE; event %d); further ones are only counted (%s)", self.server._address,
+                            what, event["event"], "security/handshakes")
+
+    def _run(self, stop: threading.Event, poller, monitors) -> None:
         next_beat = time.monotonic()
         while not stop.is_set():
             now = time.monotonic()
             if now >= next_beat:
+                if self.auth is not None:
+                    self.publish_security()
                 self.heartbeat()
                 next_beat = now + self.server.heartbeat
             self.expire(now)
@@ -200,6 +267,9 @@ class _Loop:
                 self.drain_collector()
             if self.router in events:
                 self.drain_requests()
+            for mon, what in monitors.items():
+                if mon in events:
+                    self.on_monitor(mon, what)
 
     # -- requests --------------------------------------------------------------
 
@@ -295,18 +365,27 @@ class _Loop:
     # -- updates ---------------------------------------------------------------
 
     def drain_collector(self) -> None:
+        secure = self.auth is not None
+        writer = None
         for _ in range(BATCH):
             try:
-                frames = self.collector.recv_multipart(zmq.NOBLOCK)
+                if secure:
+                    parts = self.collector.recv_multipart(zmq.NOBLOCK, copy=False)
+                    # The identity the ZAP handler gave this peer's key (security.Zap)
+                    writer = parts[0].get("User-Id")
+                    frames = [f.bytes for f in parts]
+                else:
+                    frames = self.collector.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
-                self.update(frames)
+                self.update(frames, writer)
             except Exception:  # a bug of ours: the server must go on regardless
                 self.internal_error("update")
 
-    def update(self, frames: list[bytes]) -> None:
-        """Check ``[key, packb([ttl, refresh, origin]), body]``, then apply it."""
+    def update(self, frames: list[bytes], writer: str | None = None) -> None:
+        """Check ``[key, packb([ttl, refresh, origin]), body]`` (and, with security, that ``writer``
+        may write the key), then apply it."""
         if len(frames) != 3:
             self.reject("update: wrong frame count", f"{len(frames)} frames")
             return
@@ -351,7 +430,49 @@ class _Loop:
         if body != p.DELETED and not p.decodes(body):
             self.reject("update: body not msgpack", f"{len(body)} bytes {p.brief(body[:16])}")
             return
+        if self.auth is not None and not (writer and self.auth.policy.allows(writer, key)):
+            self.deny(writer or "(unauthenticated)", key, body == p.DELETED)
+            return
         self.apply(key, body, ttl, refresh, origin)
+
+    # -- security (with auth only) ---------------------------------------------
+
+    def deny(self, writer: str, key: str, delete: bool) -> None:
+        """A write the writer's identity may not make: counted and named; the key is untouched."""
+        from zpipe.security import DENIED_PREFIX
+
+        if len(self.auth.denied) >= 4096 and writer not in self.auth.denied:
+            writer = "(others)"  # identities come from the key directory: never this many
+        rec = self.auth.denied.setdefault(writer, {"writes": 0})
+        rec.update(writes=rec["writes"] + 1, last_key=key, delete=delete, at=time.time())
+        self.denied_dirty.add(writer)
+        kind = key.split("/", 1)[0]
+        if (writer, kind) not in self.denied_logged and len(self.denied_logged) < 10_000:
+            self.denied_logged.add((writer, kind))
+            log.warning("KV server at %s refused %s of %r by %r: not a key that identity may write; further "
+                        "refusals of its %s/ writes are only counted (%s%s)", self.server._address,
+                        "a delete" if delete else "a write", key, writer, kind, DENIED_PREFIX, writer)
+
+    def publish_security(self) -> None:
+        """The counts of refused writes and handshakes, as keys anyone in the pipeline can read
+        (at most once a heartbeat: a flood of refusals costs one update per identity per beat)."""
+        from zpipe.security import DENIED_PREFIX, HANDSHAKES_KEY
+
+        for writer in self.denied_dirty:
+            self.apply(DENIED_PREFIX + writer, p.pack(self.auth.denied[writer]), None, False, b"")
+        self.denied_dirty.clear()
+        zap = self.auth.zap
+        total = (zap.total_rejected if zap is not None else 0) + sum(self.protocol_failed.values())
+        if total != self.handshakes_published:
+            try:
+                by_reason = dict(zap.rejected) if zap is not None else {}
+            except RuntimeError:  # the ZAP thread changed the counter as we copied it: next beat
+                return
+            by_reason.update({f"no CURVE handshake ({what})": n for what, n in self.protocol_failed.items()})
+            value = {"rejected": sum(by_reason.values()), "by_reason": by_reason,
+                     "last": zap.last if zap is not None else None}
+            self.handshakes_published = total
+            self.apply(HANDSHAKES_KEY, p.pack(value), None, False, b"")
 
     def apply(self, key: str, body: bytes, ttl: float | None, refresh: bool, origin: bytes) -> None:
         current = self.store.get(key)
@@ -413,6 +534,7 @@ def serve(
     on_ready: Callable[[str], None] | None = None,
     pub_bind: str | None = None,
     collector_bind: str | None = None,
+    auth=None,
 ) -> None:
     """Run a server in this thread until SIGINT or SIGTERM (or KeyboardInterrupt).
 
@@ -430,6 +552,7 @@ def serve(
             advertise=advertise,
             pub_bind=pub_bind,
             collector_bind=collector_bind,
+            auth=auth,
         )
         server.run(stop, on_ready)
     except KeyboardInterrupt:

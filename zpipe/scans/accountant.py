@@ -32,9 +32,9 @@ UNSEEN_GRACE = 10.0  # s after every sender finished: a live node group with no 
 
 
 class Accountant(threading.Thread):
-    def __init__(self, address: str, output_dir: str | None = None, *, name: str = "accountant"):
+    def __init__(self, address: str, output_dir: str | None = None, *, name: str = "accountant", curve=None):
         super().__init__(name=name, daemon=True)
-        self.kv = KVClient(address, SUBTREES, name=name)
+        self.kv = KVClient(address, SUBTREES, name=name, curve=curve)
         self.output_dir = output_dir
         self.roster: Roster | None = None
         self.stopped = threading.Event()

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from zpipe.topology.errors import Problem, TopologyError
 from zpipe.topology.model import (NAME, NAME_MAX, NAME_RULE, AnalysisSpec, AssembleSpec, HostSpec, NodeSpec,
-                                  RegistrySpec, SocketSpec, Topology, short)
+                                  RegistrySpec, SecuritySpec, SocketSpec, Topology, short)
 from zpipe.topology.yamlpos import Parsed, Path, YAMLSyntaxError, line_col, parse
 
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
@@ -84,7 +84,7 @@ def _fields_at(model: type[BaseModel], loc: Path) -> list[str]:
     """Field names of the sub-model reached by `loc` (skipping dict keys), for 'expected one of' hints."""
     nested = {
         (Topology, "nodes"): NodeSpec, (Topology, "hosts"): HostSpec,
-        (Topology, "registry"): RegistrySpec, (NodeSpec, "sockets"): SocketSpec,
+        (Topology, "registry"): RegistrySpec, (Topology, "security"): SecuritySpec, (NodeSpec, "sockets"): SocketSpec,
         (NodeSpec, "assemble"): AssembleSpec, (NodeSpec, "analyses"): AnalysisSpec,
     }
     current, skip = model, False
@@ -216,10 +216,18 @@ def check_text(text: str, file: str = "<topology>", *, output_dir: str | None = 
     from zpipe.topology.graph import check_graph  # plugins are imported there, and only those it checks
 
     check_graph(report, top, nodes, set(raw_nodes) if isinstance(raw_nodes, dict) else set(), output_dir=output_dir)
+    base_dir = os.path.dirname(os.path.abspath(file)) if file != "<topology>" else os.getcwd()
+    if top is not None and top.security is not None:
+        from zpipe import security
+
+        security.check(report, top, nodes, base_dir)
     _check_integers(report, data)
     if report.problems or top is None:
         return None, sorted(report.problems)
-    return top.model_copy(update={"nodes": nodes}), []
+    update = {"nodes": nodes}
+    if top.security is not None and not os.path.isabs(top.security.keys):  # found from anywhere a node runs
+        update["security"] = top.security.model_copy(update={"keys": os.path.join(base_dir, top.security.keys)})
+    return top.model_copy(update=update), []
 
 
 def load_topology(path: str | os.PathLike, *, plugins_of: Collection[str] | None = None) -> Topology:

@@ -324,11 +324,35 @@ class StatusSpec(Strict):
         return interval
 
 
+Mode = Literal["none", "allow", "curve"]
+
+
+class SecuritySpec(Strict):
+    """Opt-in security (docs/security.md): CURVE keys from `keys`, on the registry and per data link."""
+
+    keys: str = Field(min_length=1, max_length=4096, description="directory of certificates made by `zpipe keys` "
+                      "(relative to the topology file)")
+    registry: Literal["curve", "none"] = Field("curve", description="the registry's sockets and the results gather: "
+                                               "CURVE with ZAP and authorised writes, or none")
+    data: Mode = Field("none", description="data links by default: curve (encrypted, authenticated), allow (the "
+                       "topology's hosts' addresses only), none")
+    links: dict[str, Mode] = Field(default_factory=dict, description="per link, by its binding socket "
+                                   "`node.socket`: its mode")
+
+    @field_validator("keys")
+    @classmethod
+    def _path(cls, keys: str) -> str:
+        if "\0" in keys:
+            raise ValueError("a directory name cannot contain a NUL character")
+        return keys
+
+
 class Topology(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=100)]
     description: str = ""
     registry: RegistrySpec = RegistrySpec()
     status: StatusSpec = StatusSpec()
+    security: SecuritySpec | None = None
     hosts: dict[Name, HostSpec] = Field(default_factory=lambda: {"localhost": HostSpec()})
     nodes: dict[Name, NodeSpec]
 
