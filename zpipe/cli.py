@@ -188,6 +188,10 @@ def parser() -> argparse.ArgumentParser:
 
     add_submit(sub)
 
+    from zpipe.sessions import add_parser as add_sessions
+
+    add_sessions(sub)
+
     p = sub.add_parser("plugins", help="list installed plugins, their kind, distribution and parameters")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
@@ -198,6 +202,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print every replica (counters, rates) and scan as JSON; exit")
     p.add_argument("--sample", type=float, default=1.0, help="seconds between the snapshots rates come from")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the registry")
+    p.add_argument("--keys", metavar="DIR", help="a secured pipeline's key directory (uses its `operator` key)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("kv", help="run a stand-alone registry (key-value store) server")

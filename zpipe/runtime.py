@@ -18,7 +18,7 @@ import zmq
 
 from zpipe import wire
 from zpipe.kv import KVClient
-from zpipe import roster
+from zpipe import roster, sessions
 from zpipe.registry import Endpoint, Follower, Registry, reachable
 from zpipe.status import Meter, Publisher, WarningsToMeter
 from zpipe.topology import NodeSpec, SocketSpec, Topology
@@ -102,6 +102,9 @@ class NodeRuntime:
         self.ctx = zmq.Context()
         # A service producer also follows the acquisitions requested (zpipe.acquisitions).
         subtrees = NODE_SUBTREES + (("acquire/", "acquired/") if self.spec.service else ())
+        # A replica in a batch job (SLURM_JOB_ID, or ZPIPE_SESSION) says which in its liveness key (zpipe.sessions).
+        self.session = sessions.current()
+        subtrees += sessions.SUBTREES if self.session else ()
         from zpipe import security
 
         self.kv = KVClient(registry_address, subtrees, name=f"{node}[{replica}]",
@@ -111,7 +114,9 @@ class NodeRuntime:
         self.plan = scan_plan(topology)
         self.label = f"{node}[{replica}]"
         self.pipe = pipeline_id(self.kv)
-        roster.announce(self.kv, node, replica, host=host, role=self.spec.role, pipe=self.pipe)
+        roster.announce(self.kv, node, replica, host=host, role=self.spec.role, pipe=self.pipe,
+                        **sessions.fields(self.session))
+        sessions.record(self.kv, self.session, node, replica, state="joined", host=host, pipe=self.pipe)
         self.kv.delete(f"flow/{node}/{replica}/end")  # a previous process's end is not ours
         self.leave = threading.Event()  # asked to leave gracefully (SIGTERM): finish what was sent, then go
         self.meter = Meter(node, replica, self.spec.role, host, os.getpid())
@@ -230,7 +235,8 @@ class NodeRuntime:
     def announce_leaving(self) -> None:
         """Tell the pipeline we are leaving: senders route nothing new to us (zpipe.roster)."""
         roster.announce(self.kv, self.name, self.replica, host=self.host, role=self.spec.role, pipe=self.pipe,
-                        leaving=True)
+                        leaving=True, **sessions.fields(self.session))
+        sessions.record(self.kv, self.session, self.name, self.replica, state="leaving", host=self.host, pipe=self.pipe)
 
     # -- state in the key-value store --------------------------------------------------------
     def key(self, prefix: str, *rest) -> str:
@@ -250,5 +256,6 @@ class NodeRuntime:
                 self.registry.withdraw(ep)
             except Exception:  # the registry may already be gone; its TTL cleans up
                 pass
+        sessions.record(self.kv, self.session, self.name, self.replica, state="left", host=self.host, pipe=self.pipe)
         self.kv.close()
 
