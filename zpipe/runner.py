@@ -41,6 +41,7 @@ STALL = 60.0  # seconds without progress, after a node died, before the rest is 
 EXIT_COMPLETE, EXIT_INCOMPLETE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 3, 4, 130
 ACCOUNT_WAIT = 15.0  # seconds to wait for a remote accountant to close this run's scans
 REGISTRY_WAIT = 30.0  # seconds a runner waits for another host's registry to answer (hosts start in any order)
+PIPELINE_WAIT = 10.0  # seconds it then waits for that host's runner to publish the pipeline's id
 # Where launchers put a task's rank: Slurm (srun), MPICH/Hydra (PMI), PMIx, Open MPI.
 RANK_VARS = ("SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
 # Every runner of a pipeline says it is there (an ephemeral key, gone when it ends or dies): the registry's
@@ -191,6 +192,16 @@ class Runner:
         current = self.kv.get(PIPELINE_KEY)
         if self.server is None and isinstance(current, dict) and isinstance(current.get("id"), str):
             return current["id"]
+        if self.server is None and not (self.registry_arg or self.topology.registry.address):
+            # The registry is the topology's registry host's: its runner publishes the id just after the
+            # registry answers. Made here too, it would be overwritten and this runner would not know
+            # the pipeline's scans for its own (no reports here).
+            from zpipe.runtime import pipeline_id
+
+            try:
+                return pipeline_id(self.kv, timeout=PIPELINE_WAIT)
+            except RuntimeError as exc:
+                raise RunError(str(exc)) from None
         pipe = uuid.uuid4().hex[:16]
         self.kv.set(PIPELINE_KEY, {"id": pipe, "topology": self.topology.name, "host": self.host,
                                    "started": time.time()})
