@@ -40,8 +40,13 @@ shared machine, and it says how much work each design does per message.
 cProfile on every thread of those processes, timed in each thread's CPU time, and prints
 where each thread's time goes.
 
+--netns runs the raw relay chain and the aggregator topology across a link between two network
+namespaces instead (root): producers and relay/aggregator on one, consumers/node groups on the
+other, so every message crosses a veth pair and a bridge; GB/s of each and the ratio, same run.
+
 Usage: python benchmarks/bench_transport.py [--frames N] [--repeat K] [--no-memory]
                                             [--profile LABELS [--profile-topology direct]]
+       python benchmarks/bench_transport.py --netns [--frames N] [--repeat K]
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ FRAME_BYTES = SECTORS * PAYLOAD_BYTES
 NODE_GROUPS = 2
 FIRST_FRAME = 1000
 RUN_TIMEOUT = 300  # seconds one `zpipe run` may take before the benchmark gives up on it
+HOSTS_REGISTRY_PORT = 47650  # --netns: the registry's port on host a (inside the namespace: nothing else there)
 # Peak RSS may differ by this much (or this fraction) between the N- and 4N-frame scans before we call it
 # growth: run to run, a producer's peak swings by up to ~50 MB, as its two threads build the simulated
 # camera's noise pool (~80 MB of float64 temporaries each, payload: constant or not) together or apart.
@@ -85,13 +91,36 @@ def _cpu() -> dict:
     return {"total": t.user + t.system, "python": time.thread_time()}
 
 
+# Where each kind of raw process runs: (network namespace or None, the address it binds and is reached at).
+# --netns places the producers and the relay on one namespace and the consumers on another, as zpipe's
+# producers and aggregator on one host and its node groups on another.
+PLACES = {"producer": (None, "127.0.0.1"), "relay": (None, "127.0.0.1"), "consumer": (None, "127.0.0.1")}
+
+
+def _place(kind: str) -> str:
+    """Move this (new, single-threaded) process into its kind's namespace; its address there."""
+    ns, address = PLACES[kind]
+    if ns:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), f"setns into {ns}")
+        finally:
+            os.close(fd)
+    return address
+
+
 def _raw_consumer(expected: int, port_q, result_q) -> None:
+    address = _place("consumer")
     import zmq
 
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    port_q.put(port)
+    port = pull.bind_to_random_port(f"tcp://{address}")
+    port_q.put(f"tcp://{address}:{port}")
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     n = nbytes = 0
@@ -110,19 +139,20 @@ def _raw_consumer(expected: int, port_q, result_q) -> None:
     ctx.term()
 
 
-def _raw_relay(expected: int, consumer_ports: list[int], port_q, result_q) -> None:
+def _raw_relay(expected: int, consumer_ports: list[str], port_q, result_q) -> None:
+    address = _place("relay")
     import msgpack
     import zmq
 
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    port = pull.bind_to_random_port(f"tcp://{address}")
     outs = []
     for p in consumer_ports:
         s = ctx.socket(zmq.PUSH)
-        s.connect(f"tcp://127.0.0.1:{p}")
+        s.connect(p)
         outs.append(s)
-    port_q.put(port)
+    port_q.put(f"tcp://{address}:{port}")
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     unpackb, n_out = msgpack.unpackb, len(outs)
@@ -144,8 +174,9 @@ def _raw_relay(expected: int, consumer_ports: list[int], port_q, result_q) -> No
     result_q.put(("relay", {"messages": n, "cpu": _cpu()}))
 
 
-def _raw_producer(module: int, frames: int, width: int, ports: list[int], ready, start, result_q) -> None:
+def _raw_producer(module: int, frames: int, width: int, ports: list[str], ready, start, result_q) -> None:
     """Sends its sector of every frame: to the relay (one port), or routed itself by frame_number (one per consumer)."""
+    _place("producer")
     import msgpack
     import numpy as np
     import zmq
@@ -154,7 +185,7 @@ def _raw_producer(module: int, frames: int, width: int, ports: list[int], ready,
     pushes = []
     for port in ports:
         pushes.append(ctx.socket(zmq.PUSH))
-        pushes[-1].connect(f"tcp://127.0.0.1:{port}")
+        pushes[-1].connect(port)
     n_out = len(pushes)
     payload = np.full(SECTOR_SHAPE, 20, dtype=np.uint16)  # as zpipe's `payload: constant`
     pack = msgpack.Packer(use_bin_type=True).pack
@@ -350,7 +381,48 @@ def write_topology(template: Path, frames: int, directory: Path) -> Path:
     return path
 
 
-def run_zpipe(topology: Path, workdir: Path, hook_dir: Path, profile: str | None = None) -> dict:
+def hosts_topology(template: Path, frames: int, directory: Path, net) -> Path:
+    """The topology on two hosts of `net`: producers, aggregator and registry on `a`, node groups on `b`,
+    so that everything the node groups receive crosses the link between them."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    doc = yaml.load(write_topology(template, frames, directory).read_text())
+    at = list(doc).index("nodes")
+    doc.insert(at, "registry", {"host": "a", "port": HOSTS_REGISTRY_PORT})
+    doc.insert(at, "hosts", {h: {"address": net.address[h]} for h in ("a", "b")})
+    for node, host in (("producer", "a"), ("aggregator", "a"), ("nodegroup", "b")):
+        doc["nodes"][node]["host"] = host
+    path = directory / f"{template.stem}-{frames}-hosts.yaml"
+    with path.open("w") as f:
+        yaml.dump(doc, f)
+    return path
+
+
+def _run_on_hosts(topology: Path, workdir: Path, out: Path, env: dict, net) -> tuple[int, str]:
+    """`zpipe run --host b` (the node groups, waiting for the registry) then `--host a` in their namespaces;
+    the scan's report lands in `out` (a's, where the registry and its accountant run)."""
+    procs = {}
+    for host in ("b", "a"):
+        log = workdir / f"{host}.log"
+        with log.open("wb") as f:
+            procs[host] = (net.popen(host, [sys.executable, "-m", "zpipe", "run", str(topology), "--host", host,
+                                            "--output-dir", str(out if host == "a" else workdir / "out-b")],
+                                     env=env, cwd=workdir, stdout=f, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL), log)
+    deadline, codes = time.monotonic() + RUN_TIMEOUT, []
+    for host, (proc, _) in procs.items():
+        try:
+            codes.append(proc.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+            codes.append(-9)
+    return max(codes, key=abs), "\n".join(f"--- {h}:\n{log.read_text(errors='replace')[-3000:]}"
+                                          for h, (_, log) in procs.items())
+
+
+def run_zpipe(topology: Path, workdir: Path, hook_dir: Path, profile: str | None = None, net=None) -> dict:
     out = workdir / "out"
     procdir = workdir / "procs"
     for d in (out, procdir):
@@ -361,13 +433,16 @@ def run_zpipe(topology: Path, workdir: Path, hook_dir: Path, profile: str | None
     if profile:
         env["BENCH_TRANSPORT_PROFILE"] = profile
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "zpipe", "run", str(topology), "--output-dir", str(out)],
-                          env=env, cwd=workdir, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    if net is None:
+        proc = subprocess.run([sys.executable, "-m", "zpipe", "run", str(topology), "--output-dir", str(out)],
+                              env=env, cwd=workdir, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        code, said = proc.returncode, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    else:
+        code, said = _run_on_hosts(topology, workdir, out, env, net)
     wall = time.monotonic() - t0
     reports = sorted(out.glob("scan_*_report.json"))
-    if proc.returncode != 0 or len(reports) != 1:
-        print(f"!!! zpipe run {topology.name} exited {proc.returncode} with {len(reports)} scan reports\n"
-              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", flush=True)
+    if code != 0 or len(reports) != 1:
+        print(f"!!! zpipe run {topology.name} exited {code} with {len(reports)} scan reports\n{said}", flush=True)
         return {"ok": False, "expected": 0, "received": 0, "seconds": math.nan, "gbps": math.nan, "wall": wall,
                 "procs": {}, "profiles": {}}
     report = json.loads(reports[0].read_text())
@@ -463,7 +538,12 @@ def main() -> int:
     ap.add_argument("--profile", metavar="NODE[REPLICA],...",
                     help="add one run with cProfile in these processes, e.g. nodegroup[0],aggregator[0]")
     ap.add_argument("--profile-topology", choices=("aggregator", "direct"), default="aggregator")
+    ap.add_argument("--netns", action="store_true",
+                    help="across a link between two network namespaces (root): raw relay chain and zpipe aggregator "
+                         "only, producers + relay/aggregator on one side, consumers/node groups on the other")
     args = ap.parse_args()
+    if args.netns:
+        return main_netns(args)
     frames, width = args.frames, scan_shape(args.frames)[0]
     messages = frames * SECTORS
     t_start = time.monotonic()
@@ -644,6 +724,53 @@ def main() -> int:
         print("!" * 78)
     print(f"\ntotal {time.monotonic() - t_start:.0f} s; load average {os.getloadavg()[0]:.2f}")
     return 1 if problems else 0
+
+
+def main_netns(args) -> int:
+    """The raw relay chain and zpipe's aggregator topology across one link: two network namespaces joined by
+    a bridge (tests/netns.py); producers and the relay (or aggregator) on one, the consumers (node groups) on
+    the other. The same messages as on loopback; GB/s of each and their ratio, runs interleaved."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import netns
+
+    why = netns.available()
+    if why:
+        print(f"bench_transport --netns: {why}", file=sys.stderr)
+        return 2
+    frames, width = args.frames, scan_shape(args.frames)[0]
+    t_start = time.monotonic()
+    print(f"bench_transport --netns: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; scan of "
+          f"{frames:,} frames = {frames * SECTORS:,} messages of {PAYLOAD_BYTES:,} B across a veth link "
+          f"(bridge in a namespace of its own); {args.repeat} runs each, interleaved; medians\n", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_transport-netns-"))
+    hook_dir = work / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    net = netns.Net(["a", "b"])
+    runs: dict[str, list[dict]] = {"raw relay chain": [], "zpipe aggregator": []}
+    try:
+        PLACES.update(producer=(net.ns["a"], net.address["a"]), relay=(net.ns["a"], net.address["a"]),
+                      consumer=(net.ns["b"], net.address["b"]))
+        topo = hosts_topology(TOPOLOGIES / "bench-aggregator.yaml", frames, work, net)
+        for rep in range(args.repeat):
+            r = run_raw(frames, width, relay=True)
+            z = run_zpipe(topo, work / f"zpipe-{rep}", hook_dir, net=net)
+            runs["raw relay chain"].append(r)
+            runs["zpipe aggregator"].append(z)
+            print(f"  run {rep + 1}: raw relay chain {r['gbps']:.2f} GB/s" + ("" if r["ok"] else " (INCOMPLETE)")
+                  + f"; zpipe aggregator {z['gbps']:.2f} GB/s ({z['seconds']:.2f} s streaming, {z['wall']:.2f} s "
+                  f"wall; expected {z['expected']:,}, received {z['received']:,})" + ("" if z["ok"] else
+                                                                                     " (INCOMPLETE)"), flush=True)
+    finally:
+        PLACES.update({k: (None, "127.0.0.1") for k in PLACES})
+        net.close()
+        shutil.rmtree(work, ignore_errors=True)
+    raw, zp = (med(r["gbps"] for r in runs[k]) for k in ("raw relay chain", "zpipe aggregator"))
+    ok = all(r["ok"] for rs in runs.values() for r in rs)
+    print(f"\nacross the link: raw relay chain {raw:.2f} GB/s, zpipe aggregator {zp:.2f} GB/s: "
+          f"{zp / raw:.2f} x raw (median of {args.repeat}; every message arrived: {'yes' if ok else 'NO'})")
+    print(f"total {time.monotonic() - t_start:.0f} s; load average {os.getloadavg()[0]:.2f}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
