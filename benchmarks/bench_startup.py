@@ -21,7 +21,10 @@ Runs interleave (before, after, before, ...) so the machine's noise hits both al
 --runs. Then one run of each under `python -X importtime` says where the start-up time goes,
 as each top-level package's own import time summed (numpy, zmq, pydantic, ...).
 
-Usage: python benchmarks/bench_startup.py [--runs 5] [--settle 1.0] [--before REV] [--no-imports]
+--after REV measures that commit (another worktree) instead of the working tree, e.g. while
+others' unfinished edits are in it.
+
+Usage: python benchmarks/bench_startup.py [--runs 5] [--settle 1.0] [--before REV] [--after REV] [--no-imports]
 """
 
 from __future__ import annotations
@@ -179,6 +182,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--settle", type=float, default=1.0, help="seconds after ready before peak RSS is read")
     ap.add_argument("--before", help="the commit to compare with (default: the one before the lean core)")
+    ap.add_argument("--after", help="a commit to measure instead of the working tree")
     ap.add_argument("--nodes", default=",".join(NODES))
     ap.add_argument("--no-imports", action="store_true", help="skip the -X importtime breakdown")
     args = ap.parse_args()
@@ -187,12 +191,18 @@ def main() -> int:
     keys = {n: ready_keys(n, topo) for n in nodes}
     rev = before_rev(args.before)
     work = Path(tempfile.mkdtemp(prefix="zpipe-bench-startup-"))
-    wt = work / "before"
-    git("worktree", "add", "--detach", "--quiet", str(wt), rev)
+    wt, wt_after = work / "before", work / "after"
+    after_rev = git("rev-parse", "--verify", args.after + "^{commit}") if args.after else None
     try:
-        trees = [Tree("before", wt), Tree("after", ROOT)]
+        git("worktree", "add", "--detach", "--quiet", str(wt), rev)
+        if after_rev:
+            git("worktree", "add", "--detach", "--quiet", str(wt_after), after_rev)
+        trees = [Tree("before", wt), Tree("after", wt_after if after_rev else ROOT)]
         print(f"before: {rev[:10]} ({git('log', '-1', '--format=%s', rev)[:70]}), a worktree at {wt}")
-        print(f"after:  this working tree ({ROOT})")
+        if after_rev:
+            print(f"after:  {after_rev[:10]} ({git('log', '-1', '--format=%s', after_rev)[:70]}), a worktree")
+        else:
+            print(f"after:  this working tree ({ROOT}), HEAD {git('rev-parse', '--short', 'HEAD')}")
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; loadavg {os.getloadavg()[0]:.2f}")
         results: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for tree in trees:
@@ -244,7 +254,10 @@ def main() -> int:
                     print(f"  {tree.label:<6} {node:<10} imports {sum(imp.values()):.3f} s of {r['start']:.3f} s: "
                           + ", ".join(f"{k} {v * 1000:.0f}" for k, v in top) + " (ms)")
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], capture_output=True)
+        for tree_dir in (wt, wt_after):
+            if tree_dir.exists():
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree_dir)],
+                               capture_output=True)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0
