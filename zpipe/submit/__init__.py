@@ -132,6 +132,10 @@ class SessionJob:
         v["ntasks"] = self.ntasks
         v["sbatch_lines"] = list(self.sbatch_lines)
         v["zpipe"] = f"{shlex.quote(self.python)} -m zpipe"
+        # `--signal B:...` warns only the batch shell, which then passes it on to the tasks.
+        flags, _, rest = self.signal.rpartition(":")
+        v["signal_batch"] = "B" in flags
+        v["signal_name"] = rest.split("@")[0]
         return v
 
 

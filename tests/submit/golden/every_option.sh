@@ -16,6 +16,9 @@
 # (finishes what it was sent, hands back the rest, deregisters); the producers go back to disk.
 # This shell only waits for the step to end.
 trap 'echo "zpipe session ${SLURM_JOB_ID}: the job is ending; its node groups leave" >&2' TERM INT
+# The warning (--signal B:INT@120) comes to this shell only: it passes it on to the tasks (a signal
+# to srun itself would end them at once).
+trap 'echo "zpipe session ${SLURM_JOB_ID}: warned; its node groups leave" >&2; scancel --signal=TERM "$SLURM_JOB_ID"' INT
 
 srun --mpi=pmi2 --kill-on-bad-exit=0 \
     {python} -m zpipe run {tmp}/services.yaml --host compute --node nodegroup \
