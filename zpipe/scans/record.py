@@ -119,8 +119,9 @@ def plain(value, depth: int = 0):
 
 
 def write_json(path: str, data: dict) -> str:
-    """Atomically: a reader never sees half a report."""
-    tmp = f"{path}.partial"
+    """Atomically: a reader never sees half a report, even when several runners write their copy of it into one
+    directory (the node groups of one session job) at once: each through a file of its own."""
+    tmp = f"{path}.{os.getpid()}.partial"
     with open(tmp, "w") as f:
         json.dump(plain(data), f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
