@@ -17,6 +17,7 @@ import time
 def add_parser(sub) -> None:
     p = sub.add_parser("acquire", help="ask a running pipeline's producers (service: true) for acquisitions")
     p.add_argument("--registry", required=True, help="the pipeline's registry, as `zpipe run` printed it")
+    p.add_argument("--keys", metavar="DIR", help="a secured pipeline's key directory (uses its `operator` key)")
     p.add_argument("--shape", help="scan positions, WIDTHxHEIGHT (the source's `scan_shape`)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a request parameter of the source (see `zpipe plugins`); VALUE is read as YAML")
@@ -77,7 +78,10 @@ def run(args) -> int:
         print("zpipe acquire: --count must be at least 1", file=sys.stderr)
         return 2
     try:
-        kv = KVClient(args.registry, ("pipeline", "scans/", "acquired/"), name="acquire").start()
+        from zpipe.security import operator_curve
+
+        kv = KVClient(args.registry, ("pipeline", "scans/", "acquired/"), name="acquire",
+                      curve=operator_curve(args.keys)).start()
     except (TimeoutError, RuntimeError) as exc:
         print(f"zpipe acquire: the registry at {args.registry} does not answer: {exc}", file=sys.stderr)
         return 1

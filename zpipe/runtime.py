@@ -102,6 +102,7 @@ class NodeRuntime:
         self.ctx = zmq.Context()
         # A service producer also follows the acquisitions requested (zpipe.acquisitions).
         subtrees = NODE_SUBTREES + (("acquire/", "acquired/") if self.spec.service else ())
+        subtrees += ("runners/",) if topology.security else ()  # hosts' addresses, for `data: allow`
         # A replica in a batch job (SLURM_JOB_ID, or ZPIPE_SESSION) says which in its liveness key (zpipe.sessions).
         self.session = sessions.current()
         subtrees += sessions.SUBTREES if self.session else ()
@@ -120,6 +121,8 @@ class NodeRuntime:
         self.kv.delete(f"flow/{node}/{replica}/end")  # a previous process's end is not ours
         self.leave = threading.Event()  # asked to leave gracefully (SIGTERM): finish what was sent, then go
         self.meter = Meter(node, replica, self.spec.role, host, os.getpid())
+        self.plane = security.DataPlane(topology, node, self.ctx, extra_addresses=self._peer_addresses,
+                                        on_refuse=self.meter.refuse, label=f"{node}[{replica}]")
         logging.getLogger().addHandler(WarningsToMeter(self.meter))
         self.status = Publisher(self.kv, self.meter, topology.status.interval)
         if topology.status.interval > 0:
@@ -136,6 +139,7 @@ class NodeRuntime:
         sock = self.new_socket(spec)
         link = Link(sname, spec, sock)
         if spec.binds:
+            self.plane.secure(sock, self.name, sname, True)
             sock.bind(self._bind_address(sname, spec))
             bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             ep = Endpoint(self.name, self.replica, sname, reachable(bound, self.address),
@@ -145,6 +149,7 @@ class NodeRuntime:
             log.debug("%s[%d].%s bound at %s", self.name, self.replica, sname, ep.address)
         else:
             peer_node, _, peer_sock = spec.connect.partition(".")
+            self.plane.secure(sock, peer_node, peer_sock, False)
             self.registry.resolve(peer_node, peer_sock, timeout=self.resolve_timeout)
             link.follower = self.registry.follow(peer_node, peer_sock)
             link.refresh()
@@ -163,6 +168,7 @@ class NodeRuntime:
     def bind_as(self, name: str, spec: SocketSpec) -> zmq.Socket:
         """A socket bound on any free port and registered under `name` (for the node's own plumbing)."""
         sock = self.new_socket(spec)
+        self.plane.secure(sock, self.name, name, True)
         sock.bind(self._bind_address(name, spec))
         ep = Endpoint(self.name, self.replica, name,
                       reachable(sock.getsockopt_string(zmq.LAST_ENDPOINT), self.address),
@@ -171,6 +177,11 @@ class NodeRuntime:
         with self._lock:
             self._published.append(ep)
         return sock
+
+    def _peer_addresses(self) -> set[str]:
+        """The addresses runners announced for their hosts (`auto`, interfaces): `data: allow` admits them."""
+        return {v["address"] for v in self.kv.items("runners/").values()
+                if isinstance(v, dict) and isinstance(v.get("address"), str)}
 
     def new_socket(self, spec: SocketSpec) -> zmq.Socket:
         sock = self.ctx.socket(SOCKET_TYPES[spec.pattern])
@@ -248,6 +259,7 @@ class NodeRuntime:
         # still queued to them would be lost if they did so before it was delivered.
         self.status.stop()
         linger = CLOSE_LINGER_MS if drain else ABORT_LINGER_MS
+        self.plane.stop()
         # destroy() closes every socket of this context, those threads made included, then
         # returns once queued messages are delivered or the linger ran out.
         self.ctx.destroy(linger=linger)

@@ -206,12 +206,12 @@ class Curve:
         sock.curve_publickey = self.public
         sock.curve_serverkey = server or self.server
 
-    def serve(self, sock: zmq.Socket) -> None:
+    def serve(self, sock: zmq.Socket, domain: bytes = CURVE_DOMAIN) -> None:
         """Make `sock` a CURVE server with our key, authenticated by the context's ZAP handler; before it binds."""
         sock.curve_server = True
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
-        sock.zap_domain = CURVE_DOMAIN
+        sock.zap_domain = domain
 
 
 def credentials(directory: str, identity: str) -> Curve:
@@ -226,6 +226,20 @@ def client_for(topology, identity: str) -> Curve | None:
     if sec is None or sec.registry != "curve":
         return None
     return credentials(sec.keys, identity)
+
+
+class LooseKey(SecurityError, RuntimeError):
+    """A SecurityError the commands that connect to a registry report as one line (they catch RuntimeError)."""
+
+
+def operator_curve(directory: str | None, identity: str = OPERATOR) -> Curve | None:
+    """`zpipe status --keys DIR`, `zpipe acquire --keys DIR`: the operator's credentials, or None."""
+    if not directory:
+        return None
+    try:
+        return credentials(directory, identity)
+    except SecurityError as exc:
+        raise LooseKey(str(exc)) from None
 
 
 # -- authorisation ----------------------------------------------------------------------------
@@ -274,8 +288,12 @@ class Zap:
     peer address and key; what is logged is public (an address, a public key)."""
 
     def __init__(self, ctx: zmq.Context, *, keys: dict[bytes, str] | None = None,
-                 allow: Callable[[], set[str]] | None = None, label: str = "zpipe"):
+                 allow: Callable[[], set[str]] | None = None, label: str = "zpipe",
+                 domains: dict[bytes, frozenset[str]] | None = None, on_refuse: Callable[[], None] | None = None):
         self.ctx, self.keys, self.allow, self.label = ctx, keys or {}, allow, label
+        # A CURVE domain listed here admits only these identities (a data link: the nodes that send on it).
+        self.domains = domains if domains is not None else {}
+        self.on_refuse = on_refuse
         self.accepted: Counter = Counter()
         self.rejected: Counter = Counter()
         self.last: dict | None = None  # the last refusal: {"address", "key", "reason"}
@@ -287,7 +305,11 @@ class Zap:
         self._thread = threading.Thread(target=self._run, name=f"zap-{label}", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, leave_open: bool = False) -> None:
+        """Stop answering. `leave_open`: the socket stays bound, unanswered, until its context is destroyed:
+        a handshake begun meanwhile waits for a reply that never comes (refused), never falls through to
+        libzmq's "no ZAP handler: accept"."""
+        self._leave_open = leave_open
         self._stop.set()
         self._thread.join(timeout=5)
 
@@ -311,7 +333,8 @@ class Zap:
         except zmq.ZMQError:
             pass  # the context is being destroyed
         finally:
-            sock.close(linger=0)
+            if not getattr(self, "_leave_open", False):
+                sock.close(linger=0)
 
     def answer(self, msg: list[bytes]) -> list[bytes]:
         if len(msg) < 6 or msg[0] != b"1.0":
@@ -320,6 +343,10 @@ class Zap:
         addr = address.decode(errors="replace")
         if mechanism == b"CURVE" and len(creds) == 1 and len(creds[0]) == 32:
             name = self.keys.get(creds[0])
+            allowed = self.domains.get(domain)
+            if name is not None and allowed is not None and name not in allowed:
+                return self._refuse(request_id, addr, z85.encode(creds[0]).decode(),
+                                    f"identity {name!r} does not send on {domain.decode(errors='replace')}")
             if name is not None:
                 self.accepted[name] += 1
                 return [b"1.0", request_id, b"200", b"OK", name.encode(), b""]
@@ -334,6 +361,8 @@ class Zap:
     def _refuse(self, request_id: bytes, addr: str, key: str, reason: str) -> list[bytes]:
         self.rejected[reason] += 1
         self.last = {"address": addr, "key": key, "reason": reason}
+        if self.on_refuse is not None:
+            self.on_refuse()
         if (addr, key, reason) not in self._logged and len(self._logged) < 1000:
             self._logged.add((addr, key, reason))
             log.warning("%s refused a connection from %s%s: %s; further ones from it are only counted",
@@ -379,6 +408,88 @@ def link_mode(topology, node: str, socket: str) -> str:
     if base in CONTROL_SOCKETS and base not in topology.nodes[node].sockets:
         return "curve" if sec.registry == "curve" else "none"
     return sec.links.get(f"{node}.{base}", sec.data)
+
+
+def senders(topology, node: str, base: str) -> frozenset[str]:
+    """The nodes that connect to `node.base` (the identities a CURVE link admits); the node itself for its
+    own plumbing (the results gather between its replicas)."""
+    if base in CONTROL_SOCKETS and base not in topology.nodes[node].sockets:
+        return frozenset({node})
+    target = f"{node}.{base}"
+    return frozenset(n for n, spec in topology.nodes.items() if any(s.connect == target for s in spec.sockets.values()))
+
+
+class DataPlane:
+    """One node process's side of `security:` on its data sockets (zpipe.runtime, zpipe.transport.outbox).
+
+    `secure(sock, node, socket, binds)` before a socket binds or connects: under `curve` the binding
+    side is a CURVE server with its node's key that admits only the nodes that send on that link, the
+    connecting side a client that knows the binding node's public key; under `allow` the binding side
+    admits connections from the topology's hosts' addresses only (ZAP, no per-byte cost); `none`:
+    nothing. The ZAP handler starts with the first binding socket that needs it."""
+
+    def __init__(self, topology, identity: str, ctx: zmq.Context, *, extra_addresses: Callable[[], set[str]] | None = None,
+                 on_refuse: Callable[[], None] | None = None, label: str = ""):
+        self.topology, self.identity, self.ctx = topology, identity, ctx
+        self.extra, self.on_refuse, self.label = extra_addresses, on_refuse, label or identity
+        self.zap: Zap | None = None
+        self._lock = threading.Lock()
+        self._curve: Curve | None = None
+        self._static: set[str] | None = None
+
+    @property
+    def on(self) -> bool:
+        return getattr(self.topology, "security", None) is not None
+
+    def secure(self, sock: zmq.Socket, node: str, socket: str, binds: bool) -> str:
+        if not self.on:
+            return "none"
+        mode = link_mode(self.topology, node, socket)
+        if mode == "none":
+            return mode
+        base = socket.partition("@")[0]
+        if binds:
+            self._start_zap()
+            if mode == "curve":
+                self._mine().serve(sock, domain=f"zpipe-link:{node}.{base}".encode())
+            else:
+                sock.zap_domain = ALLOW_DOMAIN
+        elif mode == "curve":
+            self._mine().client(sock, server=load_public(self.topology.security.keys, node))
+        return mode
+
+    def _mine(self) -> Curve:
+        if self._curve is None:
+            self._curve = credentials(self.topology.security.keys, self.identity)
+        return self._curve
+
+    def _allowed(self) -> set[str]:
+        if self._static is None:
+            self._static = host_addresses(self.topology)
+        extra = set()
+        if self.extra is not None:
+            try:
+                extra = self.extra()
+            except Exception:
+                log.exception("%s: the allow-list's addresses from the registry failed", self.label)
+        return self._static | extra
+
+    def _start_zap(self) -> None:
+        with self._lock:
+            if self.zap is not None:
+                return
+            keys = public_keys(self.topology.security.keys)
+            domains = {}
+            for node, spec in self.topology.nodes.items():
+                for base in [*spec.sockets, *CONTROL_SOCKETS]:
+                    domains[f"zpipe-link:{node}.{base}".encode()] = senders(self.topology, node, base)
+            self.zap = Zap(self.ctx, keys=keys, allow=self._allowed, domains=domains, on_refuse=self.on_refuse,
+                           label=f"{self.label}'s data sockets")
+
+    def stop(self) -> None:
+        """Before the context is destroyed (which closes the handler's socket with the others)."""
+        if self.zap is not None:
+            self.zap.stop(leave_open=True)
 
 
 def host_addresses(topology, extra: Iterable[str] = ()) -> set[str]:

@@ -27,12 +27,16 @@ class Meter:
         self.msgs_in = self.bytes_in = self.msgs_out = self.bytes_out = 0
         self.blocked_s = 0.0  # time spent waiting on a full queue downstream
         self.rejected = self.errors = 0
+        self.refused = 0  # connections refused by the data sockets' authentication (zpipe.security)
         self.flow_overrides = 0  # node group: frames started although sectors were far apart (see nodegroup)
         self.queue = 0  # items waiting inside the node now (node group: parts for its workers)
         self.queue_max = 0
         self.scans: dict[int, dict[str, Any]] = {}  # per scan: received, expected (node groups)
         self.warnings: collections.deque[str] = collections.deque(maxlen=5)
         self.started = time.time()
+
+    def refuse(self) -> None:
+        self.refused += 1
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -41,7 +45,7 @@ class Meter:
             "msgs_in": self.msgs_in, "bytes_in": self.bytes_in, "msgs_out": self.msgs_out,
             "bytes_out": self.bytes_out, "blocked_s": round(self.blocked_s, 4), "rejected": self.rejected,
             "errors": self.errors, "queue": self.queue, "queue_max": self.queue_max,
-            "flow_overrides": self.flow_overrides,
+            "flow_overrides": self.flow_overrides, "refused": self.refused,
             "scans": {str(k): dict(v) for k, v in list(self.scans.items())[-4:]},
             "warnings": list(self.warnings),
         }

@@ -16,8 +16,10 @@ from zpipe.view import Display, Tracker, render, to_json
 def run(args) -> int:
     try:
         # Only the subtrees the view reads: endpoints and flow keys would be traffic for nothing.
-        kv = KVClient(args.registry, subtrees=("status/", "scans/", "preview/"), name="zpipe-status",
-                      connect_timeout=args.connect_timeout).start()
+        from zpipe.security import operator_curve
+
+        kv = KVClient(args.registry, subtrees=("status/", "scans/", "preview/", "security/"), name="zpipe-status",
+                      connect_timeout=args.connect_timeout, curve=operator_curve(getattr(args, "keys", None))).start()
     except (TimeoutError, RuntimeError) as exc:
         print(f"zpipe status: {exc}", file=sys.stderr)
         return 2

@@ -52,6 +52,9 @@ class Outbox:
                 old.close(linger=MOVED_LINGER_MS)
             try:
                 sock = self.rt.new_socket(self.spec)
+                plane = getattr(self.rt, "plane", None)
+                if plane is not None:
+                    plane.secure(sock, self.node, self.socket, binds=False)  # zpipe.security: before it connects
                 sock.connect(ep.address)
             except zmq.ZMQError:  # not an address we can connect to (a forged record): never use it
                 continue

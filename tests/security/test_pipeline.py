@@ -1,0 +1,161 @@
+"""A secured pipeline (issue 12): `zpipe run` with `security:` runs the 4D-Camera job exactly, while
+outsiders and a peer with a valid key but the wrong identity try the registry and the data sockets.
+
+Real processes on loopback; each `zpipe run` has a timeout and is killed by its process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from support import TOPOLOGIES
+from zpipe import security
+from zpipe.kv import KVClient, protocol as p
+
+RUN_TIMEOUT = 300
+
+
+def topology(tmp_path, security_yaml: str, shape=(32, 32), delay=0.03) -> str:
+    """The README's main job, smaller, paced by a slow analysis (so outsiders get their turn), secured."""
+    text = (TOPOLOGIES / "4dcamera-local.yaml").read_text()
+    for old, new in ((f"scan_shape: [64, 64]", f"scan_shape: [{shape[0]}, {shape[1]}]"),
+                     ("- plugin: electron-count   # thresholds from the first 1200 complete frames, as at NCEM",
+                      f"- plugin: discard\n        params: {{delay: {delay}}}")):
+        assert old in text, old
+        text = text.replace(old, new)
+    f = tmp_path / "secured.yaml"
+    f.write_text(text + "\n" + security_yaml)
+    return str(f)
+
+
+class Run:
+    def __init__(self, path, out):
+        out.mkdir(parents=True, exist_ok=True)
+        self.log = open(out / "run.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "zpipe", "run", path, "--output-dir", str(out)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def registry(self, timeout=60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"registry at (tcp://\S+)", open(self.log.name).read())
+            if m:
+                return m.group(1)
+            assert self.proc.poll() is None, open(self.log.name).read()
+            time.sleep(0.1)
+        raise TimeoutError("zpipe run printed no registry address")
+
+    def wait(self, timeout=RUN_TIMEOUT) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def text(self) -> str:
+        return open(self.log.name).read()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def raw_push(address, curve=None, server=None):
+    s = zmq.Context.instance().socket(zmq.PUSH)
+    s.linger = 0
+    s.sndtimeo = 0
+    if curve is not None:
+        s.curve_publickey, s.curve_secretkey = curve
+        s.curve_serverkey = server
+    s.connect(address)
+    return s
+
+
+def forge(sock, n=50):
+    """Messages that would count as data if they got in (a header of the right shape, a sector's bytes)."""
+    from zpipe import wire
+
+    sent = 0
+    for i in range(n):
+        try:
+            sock.send_multipart([wire.pack_header({"kind": "data", "scan": 1, "frame_number": 1000 + i, "module": 0}),
+                                 b"\0" * 165_888], zmq.NOBLOCK)
+            sent += 1
+        except (zmq.Again, Exception):
+            pass
+    return sent
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 60)
+def test_secured_pipeline_is_exact_under_attack(tmp_path):
+    keys = tmp_path / "keys"
+    path = topology(tmp_path, "security: {keys: keys, registry: curve, data: curve, links: {aggregator.in: allow}}\n")
+    r = subprocess.run([sys.executable, "-m", "zpipe", "keys", str(keys), "--topology", path],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    run = Run(path, out)
+    try:
+        registry = run.registry()
+        reg_pub = security.load_public(str(keys), "registry")
+        ng_pub = security.load_public(str(keys), "nodegroup")
+        viewer = KVClient(registry, name="test-operator", curve=security.credentials(str(keys), "operator"),
+                          connect_timeout=30).start()
+        try:
+            target = "endpoints/nodegroup/0/data@0"
+            eps = viewer.wait(lambda items: target in items, prefix="endpoints/", timeout=60)
+            address = eps[target]["address"]
+            # 1. An outsider reads nothing from the registry: no HELLO answered without a known key.
+            with zmq.Context.instance().socket(zmq.DEALER) as d:
+                d.linger = 0
+                d.connect(registry)
+                d.send_multipart([p.HELLO, b"1", b""])
+                assert not d.poll(1000)
+            # 2. Forged data at a node group's socket: no key, an unknown key, a valid key of the wrong identity.
+            stranger = zmq.curve_keypair()
+            producer = security.load_secret(str(keys), "producer")
+            socks = [raw_push(address), raw_push(address, stranger, ng_pub), raw_push(address, producer, ng_pub)]
+            # 3. The producer's valid registry key, writing the node group's endpoint and deleting its liveness key
+            forger = KVClient(registry, name="forger", curve=security.credentials(str(keys), "producer"),
+                              connect_timeout=30).start()
+            try:
+                forger.set(target, {**eps[target], "address": "tcp://127.0.0.1:9"}, ttl=5)
+                forger.delete("nodes/nodegroup/1")
+                for s in socks:
+                    forge(s)
+                # Counted, named, visible: the registry's count of refused writes, the node group's refusals
+                denied = viewer.wait(lambda items: (items.get("security/denied/producer") or {}).get("writes", 0) >= 2,
+                                     prefix="security/", timeout=30)["security/denied/producer"]
+                assert denied["last_key"] in (target, "nodes/nodegroup/1")
+                assert viewer.get(target)["address"] == address  # the owner's key untouched
+            finally:
+                forger.close(withdraw=False)
+            st = viewer.wait(lambda items: (items.get("status/nodegroup/0") or {}).get("refused", 0) >= 2,
+                             prefix="status/", timeout=30)["status/nodegroup/0"]
+            assert any("refused a connection" in w for w in st["warnings"]), st["warnings"]
+            for s in socks:
+                s.close(0)
+        finally:
+            viewer.close()
+        rc = run.wait()
+        text = run.text()
+        assert rc == 0, text[-3000:]
+        report = json.loads((out / "scan_1_report.json").read_text())
+        # Exact: every sector the producers sent arrived, nothing forged was counted or rejected as data
+        assert report["outcome"] == "complete", report
+        assert report["expected"] == report["received"] == report["sent"] == 4096
+        assert report["rejected"] == 0 and report["complete"] == 1024
+        assert "refused a write of 'endpoints/nodegroup/0/data@0' by 'producer'" in text
+        for who in security.SPECIAL + ("producer", "aggregator", "nodegroup"):
+            assert security.load_secret(str(keys), who)[1].decode() not in text
+    finally:
+        run.kill()
