@@ -28,11 +28,15 @@ def run(args) -> int:
         if args.json or args.once:
             time.sleep(args.sample)  # the second snapshot: rates need two publications of each replica
             picture = tracker.picture()
+            refused = kv.items("security/")  # a secured pipeline's counts of refused handshakes and writes
             if args.json:
-                print(json.dumps(plain({"registry": args.registry, **to_json(picture)}), indent=1, default=str))
+                print(json.dumps(plain({"registry": args.registry, **to_json(picture),
+                                        **({"security": refused} if refused else {})}), indent=1, default=str))
             else:
                 console = Console()
                 console.print(render(picture, f"registry {args.registry}", console.width))
+                if refused:
+                    console.print(security_line(refused), highlight=False)
             return 0
         console = Console()
         display = Display(tracker, console, f"registry {args.registry}").start()
@@ -45,3 +49,14 @@ def run(args) -> int:
             display.stop()
     finally:
         kv.close()
+
+
+def security_line(items: dict) -> str:
+    """One line of a secured pipeline's refusals: handshakes at the registry, writes by identity."""
+    hs = items.get("security/handshakes") or {}
+    denied = {k.rsplit("/", 1)[-1]: v.get("writes", 0) for k, v in items.items()
+              if k.startswith("security/denied/") and isinstance(v, dict)}
+    parts = [f"{hs.get('rejected', 0)} handshakes refused by the registry"]
+    if denied:
+        parts.append("writes refused: " + ", ".join(f"{who} {n}" for who, n in sorted(denied.items())))
+    return "security: " + "; ".join(parts)

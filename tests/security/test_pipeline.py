@@ -139,6 +139,14 @@ def test_secured_pipeline_is_exact_under_attack(tmp_path):
                 assert viewer.get(target)["address"] == address  # the owner's key untouched
             finally:
                 forger.close(withdraw=False)
+            # `zpipe status` with the operator's key shows them; without a key it gets no answer
+            shown = subprocess.run([sys.executable, "-m", "zpipe", "status", "--registry", registry, "--keys",
+                                    str(keys), "--json", "--sample", "0.2"], capture_output=True, text=True, timeout=60)
+            assert shown.returncode == 0, shown.stderr
+            assert json.loads(shown.stdout)["security"]["security/denied/producer"]["writes"] >= 2
+            blind = subprocess.run([sys.executable, "-m", "zpipe", "status", "--registry", registry, "--once",
+                                    "--connect-timeout", "2"], capture_output=True, text=True, timeout=60)
+            assert blind.returncode == 2 and "no answer" in blind.stderr
             st = viewer.wait(lambda items: (items.get("status/nodegroup/0") or {}).get("refused", 0) >= 2,
                              prefix="status/", timeout=30)["status/nodegroup/0"]
             assert any("refused a connection" in w for w in st["warnings"]), st["warnings"]
