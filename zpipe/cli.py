@@ -48,6 +48,9 @@ def cmd_run(args) -> int:
 
     # --node/--replica start replicas on their own (`--replica rank` under srun or mpiexec, one per task):
     # then MPI, when there is any, is not how the node groups are started.
+    if args.mpi:  # a session's tasks as one MPI world (srun --mpi=pmi2 ... --node NG --replica rank --mpi)
+        return mpirun.session(topo, host=args.host, nodes=args.node, replica=args.replica, registry=args.registry,
+                              output_dir=args.output_dir)
     comm = mpirun.world() if not (args.node or args.replica) else None
     if comm is not None:
         return mpirun.run(topo, args.topology, comm, host=args.host, registry=args.registry,
@@ -165,6 +168,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replica", metavar="N|LIST|rank",
                    help="start only these replica numbers (3; 0,2; 0-3), or `rank`: the launcher's rank "
                         "(SLURM_PROCID, PMI_RANK, PMIX_RANK, OMPI_COMM_WORLD_RANK)")
+    p.add_argument("--mpi", action="store_true",
+                   help="with --node NODEGROUP: the launcher's tasks are one MPI world, rank r its replica r, "
+                        "gathering with MPI (srun --mpi=pmi2; see docs/slurm.md)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="stream disk-fallback files through a topology's pipeline")

@@ -80,3 +80,64 @@ def run(topology: Topology, path: str, comm, *, host: str | None, registry: str 
     for _, thread, _ in runner.local:
         thread.join()
     return code if code else (result[0] if result else 1)
+
+
+def launcher_size(env=None) -> tuple[int, str] | None:
+    """How many tasks the launcher started (srun, mpiexec), and the variable that says so; None outside one."""
+    env = os.environ if env is None else env
+    for var in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "PMI_SIZE", "PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        value = env.get(var, "").strip()
+        if value.isdigit():
+            return int(value), var
+    return None
+
+
+def session(topology: Topology, *, host: str | None, nodes, replica: str | None, registry: str | None,
+            output_dir: str) -> int:
+    """`srun --mpi=pmi2 zpipe run TOPOLOGY --node NODEGROUP --replica rank --mpi`: a session's tasks are one MPI
+    world whose rank r is node-group replica r, joining a running pipeline through its registry, results
+    gathered with MPI (zpipe.gather.MpiGather). Fails fast, in one line, when the tasks are not one world."""
+    from zpipe.hosts import AddressError, registry_from_topology
+    from zpipe.node import run_replica
+    from zpipe.runner import RunError, pick_host
+
+    def fail(message: str) -> int:
+        print(f"zpipe run --mpi: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    groups = [n for n in nodes or () if n in topology.nodes and topology.nodes[n].role == "nodegroup"]
+    if len(nodes or ()) != 1 or len(groups) != 1:
+        return fail("give exactly one nodegroup node with --node: the MPI ranks are its replicas")
+    ng = groups[0]
+    if replica not in (None, "rank"):
+        return fail(f"--replica {replica}: under --mpi each rank is the replica of its number (--replica rank)")
+    try:
+        here = pick_host(topology, host, nodes)
+    except RunError as exc:
+        return fail(str(exc))
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        return fail(f"mpi4py cannot be imported ({exc}); install zpipe's mpi extra: pip install 'zpipe[mpi]'")
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    launched = launcher_size()
+    if launched and launched[0] != size:
+        # srun --mpi=none (or a PMI the MPI library does not speak): every task is rank 0 of a world of its own.
+        return fail(f"the {launched[0]} tasks ({launched[1]}) did not form one MPI world: this one is rank {rank} of "
+                    f"{size}; start them with `srun --mpi=pmi2` (zpipe submit --mpi pmi2), or run without --mpi")
+    count = topology.nodes[ng].replicas
+    if size > count:
+        return fail(f"{size} MPI ranks, but {ng!r} has {count} replicas: start at most {count} tasks, or raise "
+                    f"`replicas`")
+    try:
+        address = registry or topology.registry.address or registry_from_topology(topology)
+    except AddressError as exc:
+        return fail(str(exc))
+    print(f"zpipe: {topology.name} on host {here}: {ng}[{rank}] as MPI rank {rank} of {size}, registry at {address}",
+          file=sys.stderr, flush=True)
+    import logging
+
+    logging.basicConfig(level=os.environ.get("ZPIPE_LOG", "INFO"), stream=sys.stderr,
+                        format=f"%(levelname)s {ng}[{rank}] %(name)s: %(message)s")
+    return run_replica(topology, ng, rank, here, address, output_dir, mpi=comm)
