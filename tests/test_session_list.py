@@ -73,8 +73,9 @@ def test_records_are_bounded():
     for i in range(sessions.KEEP + 5):
         sessions.record(kv, {"id": f"s{i}"}, "nodegroup", 0, state="joined")
         sessions.record(kv, {"id": f"s{i}"}, "nodegroup", 1, state="joined")
-    ids = {k.split("/")[1] for k in kv.items(sessions.PREFIX)}
-    assert len(ids) == sessions.KEEP and f"s{sessions.KEEP + 4}" in ids and "s0" not in ids
+    for r in (0, 1):
+        ids = {k.split("/")[3] for k in kv.items(f"{sessions.PREFIX}nodegroup/{r}/")}
+        assert len(ids) == sessions.KEEP and f"s{sessions.KEEP + 4}" in ids and "s0" not in ids
 
 
 def listed(registry: str) -> dict:
@@ -121,3 +122,16 @@ def test_a_session_is_listed_while_it_runs_and_after_it_ended(tmp_path, monkeypa
 def test_a_registry_that_does_not_answer():
     res = zpipe("sessions", "--registry", f"tcp://127.0.0.1:{free_port()}", "--connect-timeout", "1")
     assert res.returncode == 2 and "does not answer" in res.stderr
+
+
+def test_a_secured_registry_lets_each_replica_write_only_its_own_session_records(tmp_path):
+    from zpipe import security
+    from zpipe.topology.load import load_topology
+
+    topo = load_topology(str(service_topology(tmp_path / "s.yaml", port=5599, hosts={"servers": "127.0.0.1",
+                                                                                   "compute": "127.0.0.1"})),
+                         plugins_of=())
+    policy = security.Policy.for_topology(topo)
+    assert policy.allows("nodegroup", "sessions/nodegroup/1/812")
+    assert not policy.allows("nodegroup", "sessions/producer/0/812")
+    assert not policy.allows(security.OPERATOR, "sessions/nodegroup/1/812")

@@ -245,8 +245,8 @@ def operator_curve(directory: str | None, identity: str = OPERATOR) -> Curve | N
 # -- authorisation ----------------------------------------------------------------------------
 
 # Keys every node replica writes, under its own node name and a replica number (see roster.py,
-# registry.py, status.py, flow.py, node.py, roles/stage.py).
-_OWN = ("endpoints", "nodes", "status", "flow", "totals", "failures", "results")
+# registry.py, status.py, flow.py, node.py, roles/stage.py, sessions.py).
+_OWN = ("endpoints", "nodes", "status", "flow", "totals", "failures", "results", "sessions")
 # Keys by role (scans/record.py, roles/producer, roles/nodegroup, preview.py, acquisitions.py).
 _BY_ROLE = {
     "producer": (r"scans/\d+", r"scans/\d+/fallback/{node}/\d+/[^/]+", r"acquired/[^/]+"),

@@ -3,9 +3,9 @@
 A replica started inside a Slurm job (SLURM_JOB_ID set), or given ZPIPE_SESSION, says so in
 its liveness key (`nodes/{node}/{replica}`, zpipe.roster): a `session` field with the job id,
 its node list and the machine. So that a session is still seen once it ended, the replica also
-keeps a small record, `sessions/{id}/{node}/{replica}`: when it joined, whether it is leaving or
-left, and when. The records of the newest KEEP sessions are kept; a replica joining a session
-removes those of older ones. `zpipe sessions` reads both.
+keeps a small record, `sessions/{node}/{replica}/{id}` (a key of its own, as a secured registry
+requires): when it joined, whether it is leaving or left, and when. Each replica keeps the records of
+its newest KEEP sessions, removing older ones when it joins another. `zpipe sessions` reads both.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 PREFIX = "sessions/"
 SUBTREES = (PREFIX,)
-KEEP = 32  # sessions whose records are kept (the newest, by when they were last heard of)
+KEEP = 32  # sessions whose records each replica keeps (the newest, by when they were last heard of)
 _ID = re.compile(r"[A-Za-z0-9_.:+@=-]{1,64}")
 
 
@@ -47,7 +47,7 @@ def record(kv, session: dict | None, node: str, replica: int, *, state: str, hos
     if not session:
         return
     try:
-        key = f"{PREFIX}{session['id']}/{node}/{int(replica)}"
+        key = f"{PREFIX}{node}/{int(replica)}/{session['id']}"
         now = time.time()
         old = kv.get(key) if state != "joined" else None
         value = {"session": session, "node": node, "replica": int(replica), "host": host, "pipe": pipe,
@@ -57,25 +57,22 @@ def record(kv, session: dict | None, node: str, replica: int, *, state: str, hos
             value["left"] = now
         kv.set(key, value)
         if state == "joined":
-            prune(kv, keep_id=session["id"])
+            prune(kv, node, replica, keep_id=session["id"])
     except Exception as exc:  # the registry may be gone; the record is a courtesy
         print(f"zpipe: could not record session {session.get('id')!r} ({state}): {exc}", file=sys.stderr)
 
 
-def prune(kv, keep_id: str, keep: int = KEEP) -> list[str]:
-    """Remove the records of all but the newest `keep` sessions (never `keep_id`'s); the ids removed."""
+def prune(kv, node: str, replica: int, keep_id: str, keep: int = KEEP) -> list[str]:
+    """Remove this replica's records of all but its newest `keep` sessions (never `keep_id`'s); the ids removed."""
+    mine = f"{PREFIX}{node}/{int(replica)}/"
     newest: dict[str, float] = {}
-    keys: dict[str, list[str]] = {}
-    for k, v in kv.items(PREFIX).items():
-        sid = k[len(PREFIX):].split("/", 1)[0]
-        keys.setdefault(sid, []).append(k)
+    for k, v in kv.items(mine).items():
         t = v.get("changed", 0.0) if isinstance(v, dict) else 0.0
-        newest[sid] = max(newest.get(sid, 0.0), t if isinstance(t, (int, float)) else 0.0)
+        newest[k[len(mine):]] = t if isinstance(t, (int, float)) else 0.0
     newest[keep_id] = float("inf")
     old = sorted(newest, key=newest.get, reverse=True)[keep:]
     for sid in old:
-        for k in keys.get(sid, ()):
-            kv.delete(k)
+        kv.delete(mine + sid)
     return old
 
 
@@ -166,6 +163,7 @@ def add_parser(sub) -> None:
     p.add_argument("--registry", required=True, help="the pipeline's registry, as `zpipe run` printed it")
     p.add_argument("--json", action="store_true", help="print the sessions as JSON")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the registry")
+    p.add_argument("--keys", metavar="DIR", help="a secured pipeline's key directory (uses its `operator` key)")
     p.set_defaults(func=run)
 
 
@@ -173,10 +171,14 @@ def run(args) -> int:
     import json
 
     from zpipe.kv import KVClient
+    from zpipe.security import SecurityError, operator_curve
 
     try:
-        kv = KVClient(args.registry, ("nodes/", PREFIX), name="zpipe-sessions",
-                      connect_timeout=args.connect_timeout).start()
+        kv = KVClient(args.registry, ("nodes/", PREFIX), name="zpipe-sessions", connect_timeout=args.connect_timeout,
+                      curve=operator_curve(args.keys)).start()
+    except SecurityError as exc:
+        print(f"zpipe sessions: {exc}", file=sys.stderr)
+        return 2
     except (TimeoutError, RuntimeError) as exc:
         print(f"zpipe sessions: the registry at {args.registry} does not answer: {exc}", file=sys.stderr)
         return 2
