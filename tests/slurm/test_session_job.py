@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from slurm_site import listed, scancel, submit
+from slurm_site import listed, scancel, submit, wait_for
 from support import zpipe
 from test_sessions import truth_sum
 
@@ -60,4 +60,32 @@ def test_a_session_job_joins_streams_two_scans_exactly_and_leaves_cleanly_on_sca
     print(f"\njob {job}: node groups alive {joined:.1f} s after sbatch; scans 1, 2 complete 1,024/1,024; "
           f"scancel -> job {state} in {ended_in:.1f} s; "
           f"scan 3 to disk.\n`zpipe sessions`:\n{res.stdout}")
+    site.stop("servers")
+
+
+@pytest.mark.timeout(300)
+def test_the_time_limit_warning_ends_a_session_gracefully(site, slurm):
+    """--signal TERM@100 with --time 2: Slurm warns the tasks up to 100 s before the limit (its timer has a
+    resolution of up to a minute); the node groups leave, the job completes before the limit, scans go to disk."""
+    site.start("servers", "servers")
+    site.wait_alive("aggregator", 1)
+    res = zpipe("submit", str(site.topology), "--time", "2", "--signal", "TERM@100", "--output-dir",
+                str(site.out("compute")), "--log", str(site.workdir / "job-%j.out"), cwd=site.workdir, env=slurm.env)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip()
+    site.jobs.append(job)
+    t0 = time.monotonic()
+    site.wait_alive("nodegroup", 2, timeout=90)
+    wait_for(lambda: slurm.job_state(job) not in ("PENDING", "RUNNING", "COMPLETING"), 150, "the job did not end")
+    took = time.monotonic() - t0
+    state = slurm.job_state(job)
+    text = (site.workdir / f"job-{job}.out").read_text(errors="replace")
+    assert state == "COMPLETED" and took < 115, (state, took, text)
+    assert text.count("leaving (SIGTERM)") == 2 and "Killed" not in text, text
+    (s,) = listed(site.registry)["sessions"]
+    assert s["state"] == "ended" and s["replicas"] == {"nodegroup[0]": "left", "nodegroup[1]": "left"}, s
+    scan, line, rc = site.acquire("--shape", "8x8")
+    assert rc == 0 and "written to disk" in line, line
+    print(f"\njob {job} (--time 2, --signal TERM@100): warned, node groups left, job {state} {took:.0f} s after "
+          f"it started; the next scan went to disk")
     site.stop("servers")

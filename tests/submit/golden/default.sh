@@ -20,4 +20,6 @@ while :; do
     code=$?
     kill -0 "$step" 2>/dev/null || break   # a trapped signal interrupted `wait`: the step still runs
 done
+# 130: the node groups left when they were asked to (the warning, scancel): a session's normal end.
+[ "$code" = 130 ] && code=0
 exit "$code"
