@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -167,3 +168,42 @@ def test_secured_pipeline_is_exact_under_attack(tmp_path):
             assert security.load_secret(str(keys), who)[1].decode() not in text
     finally:
         run.kill()
+
+
+def electrons(out: Path):
+    import h5py
+    import numpy as np
+
+    with h5py.File(out / "scan_1_electrons.h5") as f:
+        frames = f["electron_events/frames"][()]
+        return [np.asarray(x) for x in frames], f["electron_events/scan_positions"][()]
+
+
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
+def test_same_results_with_security_on(tmp_path):
+    """The README's main job (electron counting; a 32x32 scan to keep it short), once without security and once
+    with the registry and every data link under CURVE: the same electrons at the same positions."""
+    import numpy as np
+
+    text = (TOPOLOGIES / "4dcamera-local.yaml").read_text().replace("scan_shape: [64, 64]", "scan_shape: [32, 32]")
+    plain, secured = tmp_path / "plain.yaml", tmp_path / "secured.yaml"
+    plain.write_text(text)
+    secured.write_text(text + "\nsecurity: {keys: keys, registry: curve, data: curve}\n")
+    r = subprocess.run([sys.executable, "-m", "zpipe", "keys", str(tmp_path / "keys"), "--topology", str(secured)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    results = {}
+    for path in (plain, secured):
+        out = tmp_path / f"out-{path.stem}"
+        run = Run(str(path), out)
+        try:
+            assert run.wait() == 0, run.text()[-3000:]
+        finally:
+            run.kill()
+        report = json.loads((out / "scan_1_report.json").read_text())
+        assert report["outcome"] == "complete" and report["received"] == report["expected"] == 4096, report
+        results[path.stem] = electrons(out)
+    (a, pa), (b, pb) = results["plain"], results["secured"]
+    assert np.array_equal(pa, pb) and len(a) == len(b) == 1024
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert sum(len(x) for x in a) > 0
