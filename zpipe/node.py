@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                        address=args.address)
 
 
+def _leave_overdue(rt, within: float) -> None:
+    if not rt.stop.is_set():
+        logging.getLogger("zpipe.node").warning("%s: still not gone %g s after it was asked to leave; stopping",
+                                                rt.label, within)
+        rt.stop.set()
+
+
 def run_replica(topology, node: str, replica: int, host: str, registry: str, output_dir: str,
                 *, mpi=None, stop=None, address: str | None = None) -> int:
     """Run one replica to its end in this process; returns its exit code.
@@ -70,11 +77,16 @@ def run_replica(topology, node: str, replica: int, host: str, registry: str, out
     role = ROLES[spec.role]
     from zpipe.runtime import NodeRuntime  # heavy imports after argument errors are out of the way
 
+    main = threading.current_thread() is threading.main_thread()
+    early: list[int] = []  # signals that came while the runtime was being made (it registers us)
+    if main:
+        signal.signal(signal.SIGTERM, lambda signum, _f: early.append(signum))
+        signal.signal(signal.SIGINT, lambda signum, _f: early.append(signum))
     rt = NodeRuntime(topology, node, replica, host, registry, output_dir=output_dir, address=address)
     rt.mpi = mpi
     if stop is not None:
         rt.stop = stop
-    if threading.current_thread() is threading.main_thread():
+    if main:
         first: list[float] = []
 
         def on_signal(signum, _frame):
@@ -89,14 +101,19 @@ def run_replica(topology, node: str, replica: int, host: str, registry: str, out
             if role.leaves and not rt.leave.is_set():
                 first.append(now)
                 rt.leave.set()
-                logging.getLogger("zpipe.node").info("%s: leaving (%s): finishing what is under way; "
-                                                     "a second signal stops at once", rt.label,
-                                                     signal.Signals(signum).name)
+                logging.getLogger("zpipe.node").info("%s: leaving (%s): finishing what is under way, %g s at "
+                                                     "most; a second signal stops at once", rt.label,
+                                                     signal.Signals(signum).name, role.leave_within)
+                backstop = threading.Timer(role.leave_within, _leave_overdue, args=(rt, role.leave_within))
+                backstop.daemon = True
+                backstop.start()
             else:
                 rt.stop.set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        for signum in early:
+            on_signal(signum, None)
     drain = False
     rt.meter.state = "idle"
     try:

@@ -23,6 +23,9 @@ class RoleSpec:
     analyses: bool = False  # runs the node's `analyses` list (plugins of kind "analysis")
     per_thread_inputs: bool = False  # each thread binds its own input socket, registered as name@thread
     leaves: bool = False  # answers a first SIGTERM by leaving gracefully (finish, hand back, deregister)
+    # ... within this many seconds; then it stops (what is still under way is accounted as cut short).
+    # A backstop above the role's own bounds, below the runner's grace before SIGKILL (zpipe.runner).
+    leave_within: float = 22.0
 
     def load(self):
         module, _, attr = self.entry.partition(":")
@@ -46,7 +49,7 @@ ROLES: dict[str, RoleSpec] = {
             "producer", "sends a source's scans: expected counts first, then the data, routed by "
             "`route` straight to node groups or through an aggregator",
             plugin_kind="source", inputs=frozenset(), outputs=frozenset({"push"}),
-            min_outputs=1, entry="zpipe.roles.producer:run", leaves=True,
+            min_outputs=1, entry="zpipe.roles.producer:run", leaves=True, leave_within=10.0,
         ),
         RoleSpec(
             "aggregator", "one thread per producer replica: sums expected counts, then relays each "

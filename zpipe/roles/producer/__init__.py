@@ -79,6 +79,8 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
             else:
                 planned = _in_threads(rt, job.plugins, lambda t, p: {"planned": sum(1 for _ in p.plan(job.scan, t, spec.threads))})
                 flow.publish_scan(rt, job.id, done=False, planned=planned["planned"], sent=0, first_sent=None)
+                if rt.replica == 0:  # the record follows the scan: announced, streaming, done
+                    scans.update(rt.kv, job.id, status="streaming")
                 pace = Pace(len(job.plugins))
                 spill_to = _spill_directory(rt, job)
                 counts = _in_threads(rt, job.plugins, lambda t, p: _send_share(rt, job, t, p, ngs, outbox(t), pace,
@@ -308,11 +310,17 @@ def _fallback(rt: NodeRuntime, job: Job, rec: dict) -> dict:
     log.warning("scan %d: %s; wrote %d messages to %s", job.id, why, counts["messages"], directory)
     if rec.get("announced_by") == rt.label:  # its announcer closes it
         want = rt.spec.replicas * rt.spec.threads
-        try:
-            parts = rt.kv.wait(lambda items: len(items) >= want, prefix=prefix, timeout=rt.resolve_timeout * 4)
-        except TimeoutError:
-            parts = rt.kv.items(prefix)
-            log.error("scan %d: only %d of %d producer threads said their files are final", job.id, len(parts), want)
+        deadline = time.monotonic() + rt.resolve_timeout * 4
+        while True:  # bounded, and cut short by a stop (the record then says how many did)
+            try:
+                parts = rt.kv.wait(lambda items: len(items) >= want, prefix=prefix, timeout=0.25)
+                break
+            except TimeoutError:
+                if rt.stop.is_set() or time.monotonic() > deadline:
+                    parts = rt.kv.items(prefix)
+                    log.error("scan %d: only %d of %d producer threads said their files are final", job.id,
+                              len(parts), want)
+                    break
         written = plugins[0].finish_recording(sc, directory, list(parts.values()))
         scans.update(rt.kv, job.id, status="done", fallback={"directory": directory, **(written or {}),
                                                                "threads": len(parts), "of": want, "why": why},
