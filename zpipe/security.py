@@ -20,6 +20,7 @@ socket is what it was (no CURVE, no ZAP, no check of writes).
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import os
@@ -298,6 +299,7 @@ class Zap:
         self.rejected: Counter = Counter()
         self.last: dict | None = None  # the last refusal: {"address", "key", "reason"}
         self._logged: set = set()
+        self._watch: collections.deque = collections.deque()  # (monitor endpoint, what) for our thread to read
         self._stop = threading.Event()
         self._sock = ctx.socket(zmq.REP)
         self._sock.linger = 0
@@ -317,11 +319,41 @@ class Zap:
     def total_rejected(self) -> int:
         return sum(self.rejected.values())
 
+    def watch(self, sock: zmq.Socket, what: str) -> None:
+        """Also count the handshakes that fail on `sock` before they reach ZAP (a peer without CURVE, or with
+        CURVE on an `allow` link): its monitor events, read by our thread. Call from `sock`'s thread."""
+        endpoint = f"inproc://zpipe-handshakes-{id(self):x}-{len(self._watch)}-{what}"
+        sock.monitor(endpoint, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        self._watch.append((endpoint, what))
+
     def _run(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
         sock = self._sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        monitors: dict[zmq.Socket, str] = {}
         try:
             while not self._stop.is_set():
-                if not sock.poll(100):
+                while self._watch:
+                    endpoint, what = self._watch.popleft()
+                    mon = self.ctx.socket(zmq.PAIR)
+                    mon.linger = 0
+                    mon.connect(endpoint)
+                    monitors[mon] = what
+                    poller.register(mon, zmq.POLLIN)
+                events = dict(poller.poll(100))
+                for mon, what in monitors.items():
+                    if mon in events:
+                        while True:
+                            try:
+                                event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+                            except zmq.Again:
+                                break
+                            if event["event"] & (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                                self._refuse(b"", "", "", f"no CURVE handshake ({what})")
+                if sock not in events:
                     continue
                 msg = sock.recv_multipart()
                 try:
@@ -335,6 +367,8 @@ class Zap:
         finally:
             if not getattr(self, "_leave_open", False):
                 sock.close(linger=0)
+                for mon in monitors:
+                    mon.close(linger=0)
 
     def answer(self, msg: list[bytes]) -> list[bytes]:
         if len(msg) < 6 or msg[0] != b"1.0":
@@ -366,7 +400,8 @@ class Zap:
         if (addr, key, reason) not in self._logged and len(self._logged) < 1000:
             self._logged.add((addr, key, reason))
             log.warning("%s refused a connection from %s%s: %s; further ones from it are only counted",
-                        self.label, addr, f" (public key {key})" if key else "", reason)
+                        self.label, addr or "a peer (address not known before its handshake)",
+                        f" (public key {key})" if key else "", reason)
         return [b"1.0", request_id, b"400", reason.encode(), b"", b""]
 
 
@@ -454,6 +489,7 @@ class DataPlane:
                 self._mine().serve(sock, domain=f"zpipe-link:{node}.{base}".encode())
             else:
                 sock.zap_domain = ALLOW_DOMAIN
+            self.zap.watch(sock, f"{node}.{base}")
         elif mode == "curve":
             self._mine().client(sock, server=load_public(self.topology.security.keys, node))
         return mode
