@@ -76,7 +76,8 @@ def test_policy_from_how_keys_are_written():
     ok = {
         "nodegroup": ["endpoints/nodegroup/1/data@3", "nodes/nodegroup/0", "status/nodegroup/1",
                       "flow/nodegroup/0/7", "totals/nodegroup/0", "failures/nodegroup/1", "scans/7/part/1",
-                      "scans/7/output/framesum", "preview/7/framesum.sum/1", "endpoints/nodegroup/0/results"],
+                      "scans/7/output/framesum", "preview/7/framesum.sum/1", "endpoints/nodegroup/0/results",
+                      "sessions/nodegroup/1/job-42"],
         "producer": ["scans/7", "scans/7/fallback/producer/2/0", "flow/producer/3/end", "acquired/abc"],
         "aggregator": ["endpoints/aggregator/0/in@2", "flow/aggregator/0/7"],
         "runner": ["runners/local/1234"],
@@ -85,7 +86,7 @@ def test_policy_from_how_keys_are_written():
     }
     bad = {
         "nodegroup": ["endpoints/aggregator/0/in@2", "nodes/producer/0", "scans/7", "scans/7/report", "pipeline",
-                      "status/nodegroupX/0", "acquire/x", "runners/h/1"],
+                      "status/nodegroupX/0", "acquire/x", "runners/h/1", "sessions/producer/0/job-42"],
         "producer": ["endpoints/nodegroup/0/data@0", "scans/7/part/0", "scans/7/report", "scans/7/fallback/other/0/0"],
         "aggregator": ["scans/7", "status/producer/0"],
         "runner": ["pipeline", "endpoints/nodegroup/0/data"],
