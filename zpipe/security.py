@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import itertools
 import logging
 import os
 import re
@@ -300,6 +301,7 @@ class Zap:
         self.last: dict | None = None  # the last refusal: {"address", "key", "reason"}
         self._logged: set = set()
         self._watch: collections.deque = collections.deque()  # (monitor endpoint, what) for our thread to read
+        self._watched = itertools.count()
         self._stop = threading.Event()
         self._sock = ctx.socket(zmq.REP)
         self._sock.linger = 0
@@ -322,7 +324,7 @@ class Zap:
     def watch(self, sock: zmq.Socket, what: str) -> None:
         """Also count the handshakes that fail on `sock` before they reach ZAP (a peer without CURVE, or with
         CURVE on an `allow` link): its monitor events, read by our thread. Call from `sock`'s thread."""
-        endpoint = f"inproc://zpipe-handshakes-{id(self):x}-{len(self._watch)}-{what}"
+        endpoint = f"inproc://zpipe-handshakes-{id(self):x}-{next(self._watched)}-{what}"  # unique per socket
         sock.monitor(endpoint, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self._watch.append((endpoint, what))
 
@@ -470,6 +472,7 @@ class DataPlane:
         self.zap: Zap | None = None
         self._lock = threading.Lock()
         self._curve: Curve | None = None
+        self._servers: dict[str, bytes] = {}  # node -> its public key (what a client of its sockets checks)
         self._static: set[str] | None = None
 
     @property
@@ -491,7 +494,10 @@ class DataPlane:
                 sock.zap_domain = ALLOW_DOMAIN
             self.zap.watch(sock, f"{node}.{base}")
         elif mode == "curve":
-            self._mine().client(sock, server=load_public(self.topology.security.keys, node))
+            server = self._servers.get(node)
+            if server is None:
+                server = self._servers[node] = load_public(self.topology.security.keys, node)
+            self._mine().client(sock, server=server)
         return mode
 
     def _mine(self) -> Curve:
