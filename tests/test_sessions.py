@@ -128,3 +128,74 @@ def test_scans_go_to_disk_without_a_session_stream_with_one_and_a_session_that_e
     took = site.stop("servers")
     assert servers.returncode in (0, 130, 3), site.log("servers")
     assert took < 30 and time.monotonic() - t0 < 240
+
+
+@pytest.fixture
+def agg_site(tmp_path):
+    """As `site`, with the aggregator on a "host" of its own, so that it can be absent, leave and come back."""
+    port = free_port()
+    topo = service_topology(tmp_path / "services.yaml", port=port, aggregator_host="agg",
+                            hosts={"servers": "127.0.0.1", "agg": "127.0.0.1", "compute": "127.0.0.1"})
+    s = Site(topo, tmp_path, f"tcp://127.0.0.1:{port}")
+    try:
+        yield s
+    finally:
+        killed = s.close()
+        assert not killed, f"processes that had to be killed: {killed}"
+        left = [p for p in psutil.process_iter(["pid", "cmdline"]) if str(topo) in " ".join(p.info["cmdline"] or [])]
+        assert not left, f"processes left behind: {[p.info for p in left]}"
+
+
+@pytest.mark.timeout(300)
+def test_with_the_aggregator_down_scans_go_to_disk_and_stream_again_once_it_is_back(agg_site):
+    site, t0 = agg_site, time.monotonic()
+    site.start("servers", "servers")
+    site.wait_alive("producer", 4)
+    site.start("session", "compute", "--registry", site.registry)
+    site.wait_alive("nodegroup", 2)
+
+    # No aggregator yet: to disk at once, no wait for it, no crash.
+    t = time.monotonic()
+    scan, line, rc = site.acquire("--shape", "16x16")
+    assert rc == 0 and scan == 1 and "written to disk" in line, line
+    assert time.monotonic() - t < 30, "the producers waited for the aggregator"
+    assert pixel_sum_on_disk(site.out("servers") / "fallback", 1) == truth_sum(1)
+    assert site.report(1)["outcome"] == "complete"
+
+    # It starts: the next scan streams, exactly.
+    site.start("agg", "agg", "--registry", site.registry)
+    site.wait_alive("aggregator", 1)
+    scan, line, rc = site.acquire("--shape", "16x16")
+    assert rc == 0 and scan == 2 and "scan 2 complete" in line, line
+
+    # It leaves (SIGTERM) in the middle of a paced scan: that scan is relayed to its end; the next goes to disk.
+    acq = subprocess.Popen([sys.executable, "-m", "zpipe", "acquire", "--registry", site.registry, "--shape", "32x32",
+                            "--set", "rate=300", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        first = acq.stdout.readline()  # "acquisition ID: scan 3 to node groups [0, 1]" (bounded by the timeout)
+        assert "scan 3 to node groups" in first, first
+        time.sleep(1.0)  # well into the scan (~3.4 s at 300 frames/s)
+        left_in = site.stop("agg")
+        out, err = acq.communicate(timeout=120)
+    finally:
+        if acq.poll() is None:
+            acq.kill()
+    assert left_in < 25, f"the aggregator took {left_in:.1f} s to leave"
+    r = site.report(3)
+    assert r["lost_parts"] == 0 and not r["missing_items"] and not r["missing_parts"], r["reasons"]
+    assert r["received"] + r.get("written", 0) == r["expected"] == 4096, r["reasons"]
+    assert r["received"] > 0, "the scan never streamed: not a leave mid-scan"
+    scan, line, rc = site.acquire("--shape", "16x16")
+    assert rc == 0 and scan == 4 and "written to disk" in line, line
+
+    # Back again: scans stream again.
+    site.start("agg2", "agg", "--registry", site.registry)
+    site.wait_alive("aggregator", 1)
+    scan, line, rc = site.acquire("--shape", "16x16")
+    assert rc == 0 and scan == 5 and "scan 5 complete" in line, line
+    print(f"aggregator down: scan 1 to disk; up: scan 2 streamed; left mid-scan 3 in {left_in:.1f} s "
+          f"(streamed {r['received']:,} + written {r.get('written', 0):,} of {r['expected']:,}); scan 4 to disk; "
+          f"back: scan 5 streamed; {time.monotonic() - t0:.0f} s in all")
+    for name in ("session", "agg2", "servers"):
+        assert site.stop(name) < 30
