@@ -372,7 +372,10 @@ class _Loop:
                 if secure:
                     parts = self.collector.recv_multipart(zmq.NOBLOCK, copy=False)
                     # The identity the ZAP handler gave this peer's key (security.Zap)
-                    writer = parts[0].get("User-Id")
+                    try:
+                        writer = parts[0].get("User-Id")
+                    except (zmq.ZMQError, KeyError):  # none: not authenticated, so not allowed to write
+                        writer = None
                     frames = [f.bytes for f in parts]
                 else:
                     frames = self.collector.recv_multipart(zmq.NOBLOCK)
