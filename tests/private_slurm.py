@@ -72,7 +72,9 @@ class PrivateSlurm:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             os.chmod(key, 0o400)
-        cpus = os.cpu_count() or 1
+        # At least 4 CPUs whatever the machine has (config_overrides: slurmd takes the configured ones), so that
+        # two session jobs of two tasks can run at once, as on a real cluster.
+        cpus = max(4, os.cpu_count() or 1)
         self.conf.write_text(f"""\
 ClusterName=zpipetest
 SlurmctldHost={self.node}(127.0.0.1)
@@ -96,6 +98,7 @@ SelectTypeParameters=CR_CPU
 MpiDefault=none
 SchedulerType=sched/backfill
 ReturnToService=2
+SlurmdParameters=config_overrides
 KillWait=30
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none

@@ -134,6 +134,11 @@ def session(topology: Topology, *, host: str | None, nodes, replica: str | None,
         address = registry or topology.registry.address or registry_from_topology(topology)
     except AddressError as exc:
         return fail(str(exc))
+    # Replicas started separately must have distinct numbers (as zpipe.runner checks): every rank looks for a
+    # live twin of its own, and all stop if any finds one (a rank alone would wait forever in the gathering).
+    problem = _twin(topology, ng, rank, address)
+    if comm.allreduce(1 if problem else 0) > 0:
+        return fail(problem or "another rank of this MPI world cannot start (its line says why); stopping")
     print(f"zpipe: {topology.name} on host {here}: {ng}[{rank}] as MPI rank {rank} of {size}, registry at {address}",
           file=sys.stderr, flush=True)
     import logging
@@ -141,3 +146,33 @@ def session(topology: Topology, *, host: str | None, nodes, replica: str | None,
     logging.basicConfig(level=os.environ.get("ZPIPE_LOG", "INFO"), stream=sys.stderr,
                         format=f"%(levelname)s {ng}[{rank}] %(name)s: %(message)s")
     return run_replica(topology, ng, rank, here, address, output_dir, mpi=comm)
+
+
+def _twin(topology: Topology, node: str, replica: int, registry: str) -> str | None:
+    """Why `node[replica]` cannot start here (it is alive in the pipeline already, or the registry does not
+    answer), or None. A key of a replica that just died is waited out (its TTL)."""
+    import time
+
+    from zpipe import roster, security
+    from zpipe.kv import KVClient
+
+    try:
+        kv = KVClient(registry, (roster.PREFIX,), name=f"{node}[{replica}]-start", connect_timeout=30.0,
+                      curve=security.client_for(topology, node)).start()
+    except security.SecurityError as exc:
+        return str(exc)
+    except (TimeoutError, RuntimeError) as exc:
+        return f"the registry at {registry} does not answer: {exc}"
+    try:
+        deadline = time.monotonic() + roster.TTL + 1.0
+        while True:
+            value = kv.get(roster.key(node, replica))
+            if not isinstance(value, dict) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        kv.close()
+    if isinstance(value, dict):
+        return (f"{node}[{replica}] (pid {value.get('pid')} on host {value.get('host')!r}) is already running in "
+                f"this pipeline; end that session first, or start other replica numbers")
+    return None

@@ -60,6 +60,13 @@ def test_mpi_gathering_under_srun_pmi2_writes_the_files_a_plain_session_writes(s
     plain, plain_log = submit(site, slurm, "--mpi", "none", out="plain")
     site.wait_alive("nodegroup", 2, timeout=90)
     run_scans(site, 1, seed=10)
+    # A second session of the same replica numbers is refused while the first runs, by every rank, at once.
+    twin, twin_log = submit(site, slurm, "--mpi", "pmi2", out="twin")
+    wait_for(lambda: slurm.job_state(twin) not in ("PENDING", "RUNNING", "COMPLETING"), 90, "the twin did not end")
+    text = twin_log.read_text(errors="replace")
+    assert slurm.job_state(twin) == "FAILED" and "is already running in this pipeline" in text, text
+    assert listed(site.registry)["sessions"][0]["id"] == plain  # the twin never joined
+    refused = next(line for line in text.splitlines() if "already running" in line)
     scancel(site, slurm, plain)
 
     t0 = time.monotonic()
@@ -80,12 +87,12 @@ def test_mpi_gathering_under_srun_pmi2_writes_the_files_a_plain_session_writes(s
             assert x[k] == y[k] if not isinstance(x[k], dict) else _same_attrs(x[k], y[k]), k
         same.append(f"scan {a} (plain) == scan {b} (MPI): {len(x)} entries")
     ended_in = scancel(site, slurm, mpi)
-    (s_mpi, s_plain) = listed(site.registry)["sessions"]
+    (s_mpi, s_plain) = listed(site.registry)["sessions"]  # newest first
     assert s_mpi["id"] == mpi and s_mpi["state"] == "ended" and s_plain["id"] == plain and s_plain["state"] == "ended"
     text = mpi_log.read_text(errors="replace")
     assert text.count("leaving (SIGTERM)") == 2 and "Killed" not in text, text
     print(f"\nplain job {plain}, MPI job {mpi} (srun --mpi=pmi2, ranks joined in {joined:.1f} s): "
-          f"{'; '.join(same)}; scancel -> ended in {ended_in:.1f} s")
+          f"{'; '.join(same)}; scancel -> ended in {ended_in:.1f} s; a twin job {twin} FAILED: {refused}")
     site.stop("servers")
 
 

@@ -119,11 +119,16 @@ def test_a_template_syntax_error_and_a_missing_template(topo, tmp_path):
     (["--node", "ghost"], "--node 'ghost' is not a node of the topology"),
     (["--registry", "localhost:5555"], "--registry 'localhost:5555': expected tcp://HOST:PORT"),
 ])
-def test_bad_option_values_are_one_line(topo, tmp_path, args, message):
-    res = zpipe("submit", str(topo), "--dry-run", *args, cwd=tmp_path)
-    assert res.returncode == 2 and res.stdout == "", res.stdout
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("zpipe submit: ") and message in lines[0], res.stderr
+def test_bad_option_values_are_one_line(topo, tmp_path, args, message, capsys, monkeypatch):
+    from zpipe.cli import parser
+
+    monkeypatch.chdir(tmp_path)
+    parsed = parser().parse_args(["submit", str(topo), "--dry-run", *args])
+    code = parsed.func(parsed)  # in process: the command's own code, without a process start per case
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zpipe submit: ") and message in lines[0], err
 
 
 def test_bad_choice_of_mpi_and_a_topology_with_problems(topo, tmp_path):
