@@ -170,7 +170,11 @@ class NodeGroup:
             self.meter.state, self.meter.scan = "streaming", open_scans[-1].id
         for st in open_scans:
             with rcv.lock:  # the receiving thread adds senders as their infos arrive
-                expected = sum(s.done if s.done is not None else (s.expected or 0) for s in st.senders.values())
+                # Known only once every sender of ours said how many (its info, or its done: an aggregator
+                # channel says only at its done); a partial sum would read as more than 100 % in the view.
+                counts = [s.done if s.done is not None else s.expected for s in st.senders.values()]
+                expected = (sum(counts) if len(counts) >= len(self.plan.ng_senders) and None not in counts
+                            else None)
                 through, left = rcv.state_of(st)
             self.meter.scans[st.id] = {"received": st.received, "expected": expected or None}
             quiet = now - st.last > self.spec.scan_timeout
