@@ -20,7 +20,8 @@ trap 'echo "zpipe session ${SLURM_JOB_ID}: the job is ending; its node groups le
 # to srun itself would end them at once).
 trap 'echo "zpipe session ${SLURM_JOB_ID}: warned; its node groups leave" >&2; scancel --signal=TERM "$SLURM_JOB_ID"' INT
 
-srun --mpi=pmi2 --kill-on-bad-exit=0 \
+# One MPI world: a rank that fails ends the step (the others would wait for it in the gathering).
+srun --mpi=pmi2 --kill-on-bad-exit=1 \
     {python} -m zpipe run {tmp}/services.yaml --host compute --node nodegroup \
     --replica rank --mpi --output-dir {tmp}/out --registry tcp://127.0.0.1:5599 &
 step=$!
