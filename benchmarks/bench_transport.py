@@ -389,6 +389,7 @@ def hosts_topology(template: Path, frames: int, directory: Path, net) -> Path:
     yaml = YAML()
     doc = yaml.load(write_topology(template, frames, directory).read_text())
     at = list(doc).index("nodes")
+    doc.insert(at, "security", "none")  # the transport alone (benchmarks/bench_security.py measures security)
     doc.insert(at, "registry", {"host": "a", "port": HOSTS_REGISTRY_PORT})
     doc.insert(at, "hosts", {h: {"address": net.address[h]} for h in ("a", "b")})
     for node, host in (("producer", "a"), ("aggregator", "a"), ("nodegroup", "b")):

@@ -24,7 +24,8 @@ def service_topology(path: Path, *, port: int, hosts: dict[str, str], scan_shape
     text = (TOPOLOGIES / "4dcamera-local.yaml").read_text()
     host_lines = "".join(f"  {h}: {{address: {a}}}\n" for h, a in hosts.items())
     edits = [
-        ("nodes:\n", f"hosts:\n{host_lines}registry: {{host: {registry_host}, port: {port}}}\nnodes:\n"),
+        ("nodes:\n", f"hosts:\n{host_lines}registry: {{host: {registry_host}, port: {port}}}\n"
+                      f"security: none\nnodes:\n"),  # open: loopback, or the test's own namespaces
         ("    role: producer\n", "    role: producer\n    host: servers\n    service: true\n"),
         ("    role: aggregator\n", f"    role: aggregator\n    host: {aggregator_host}\n"),
         ("    role: nodegroup\n", "    role: nodegroup\n    host: compute\n"),

@@ -41,6 +41,7 @@ def topology(tmp_path: Path, net: netns.Net, compute: str | None = None) -> str:
     text = (TOPOLOGIES / "4dcamera-local.yaml").read_text()
     compute = compute or f"{{address: {net.address['compute']}}}"
     hosts = (f"registry: {{host: agg, port: {REGISTRY_PORT}}}\n"
+             f"security: none                 # open (the namespaces are the test's own); secured: tests/security\n"
              f"hosts:\n"
              f"  recv: {{address: {net.address['recv']}}}\n"
              f"  agg: {{address: {net.address['agg']}}}\n"

@@ -22,7 +22,7 @@ HELLO = (TOPOLOGIES / "hello.yaml").read_text()
 def two_hosts(registry: str = "{host: a, port: 47020}", a: str = "{address: 127.0.0.1}",
               b: str = "{address: 127.0.0.1}", sink_replicas: int = 1):
     """hello.yaml with the source on host a (the registry's) and the sink on host b."""
-    text = HELLO.replace("nodes:\n", f"registry: {registry}\nhosts:\n  a: {a}\n  b: {b}\nnodes:\n", 1)
+    text = HELLO.replace("nodes:\n", f"registry: {registry}\nsecurity: none\nhosts:\n  a: {a}\n  b: {b}\nnodes:\n", 1)
     text = text.replace("    role: source\n", "    role: source\n    host: a\n", 1)
     text = text.replace("    role: stage\n", f"    role: stage\n    host: b\n    replicas: {sink_replicas}\n", 1)
     topo, problems = check_text(text, "t.yaml")
@@ -130,3 +130,23 @@ def test_two_hosts_find_the_registry_from_the_topology(tmp_path):
     assert procs["a"].returncode == procs["b"].returncode == 0, outs
     assert f"zpipe: hello on host b (127.0.0.1), registry at tcp://127.0.0.1:{port}" in outs["b"]
     assert "sink 1,000 msgs" in outs["b"] and "source 1,000 msgs" in outs["a"], outs
+
+
+@pytest.mark.parametrize("a, b, required", [
+    ("{address: 127.0.0.1}", "{address: 127.0.0.2}", False),  # one machine's loopback: open is fine
+    ("{address: 10.0.0.5}", "{address: 10.0.0.6}", True),
+    ("{address: 127.0.0.1}", "{address: auto}", True),  # found when it starts: another machine
+    ("{address: 127.0.0.1}", "{interface: ib0}", True),
+])
+def test_a_topology_across_machines_must_say_security(a, b, required):
+    _, text = two_hosts(a=a, b=b)
+    bare = text.replace("security: none\n", "", 1)
+    _, problems = check_text(bare, "t.yaml")
+    if not required:
+        assert not problems, problems
+        return
+    (p,) = problems
+    assert p.path == "hosts" and "several machines (a, b)" in p.message and "security: none" in p.message, p
+    assert (p.line, p.column) == (bare.splitlines().index("hosts:") + 1, 1)
+    _, problems = check_text(text, "t.yaml")  # `security: none`: open, as written
+    assert not problems, problems

@@ -251,7 +251,7 @@ def test_validate_prints_no_traceback_for_odd_arguments(run_zpipe, tmp_path):
 @pytest.mark.parametrize("host", ["{address: auto}", "{interface: eth0}", "{interface: ib0, bind: 0.0.0.0}",
                                   "{address: auto, bind: 0.0.0.0}"])
 def test_a_host_whose_address_is_found_when_it_starts_is_accepted(host):
-    text = edit(HELLO, ("nodes:\n", f"registry: {{host: a, port: 47010}}\nhosts:\n  a: {{address: 10.0.0.1}}\n"
+    text = edit(HELLO, ("nodes:\n", f"registry: {{host: a, port: 47010}}\nsecurity: none\nhosts:\n  a: {{address: 10.0.0.1}}\n"
                                     f"  b: {host}\nnodes:\n"),
                 ("    role: source\n", "    role: source\n    host: a\n"), ("    role: stage\n", "    role: stage\n    host: b\n"))
     topo, found = check_text(text, "t.yaml")
@@ -261,7 +261,7 @@ def test_a_host_whose_address_is_found_when_it_starts_is_accepted(host):
 def test_hosts_found_when_they_start_are_machines_of_their_own_for_fixed_ports():
     """Two `auto` hosts cannot be told apart in advance: the same fixed port on each is no clash (it would be on
     two hosts of one fixed address)."""
-    base = edit(HELLO, ("nodes:\n", "hosts:\n  a: {address: auto}\n  b: {interface: eth0}\nnodes:\n"),
+    base = edit(HELLO, ("nodes:\n", "security: none\nhosts:\n  a: {address: auto}\n  b: {interface: eth0}\nnodes:\n"),
                 ("    role: source\n", "    role: source\n    host: a\n"), ("    role: stage\n", "    role: stage\n    host: b\n"),
                 ("{pattern: push}", "{pattern: push, port: 47011}"),
                 ("connect: source.out}", "connect: source.out}\n      extra: {pattern: pull, port: 47011}"))

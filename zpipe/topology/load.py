@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from zpipe.topology.errors import Problem, TopologyError
 from zpipe.topology.model import (NAME, NAME_MAX, NAME_RULE, AnalysisSpec, AssembleSpec, HostSpec, NodeSpec,
-                                  RegistrySpec, SecuritySpec, SocketSpec, Topology, short)
+                                  RegistrySpec, SecuritySpec, SocketSpec, Topology, machines_spanned, short)
 from zpipe.topology.yamlpos import Parsed, Path, YAMLSyntaxError, line_col, parse
 
 INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
@@ -221,6 +221,12 @@ def check_text(text: str, file: str = "<topology>", *, output_dir: str | None = 
         from zpipe import security
 
         security.check(report, top, nodes, base_dir)
+    elif top is not None and data.get("security") != "none" and machines_spanned(top.hosts, nodes):
+        # Secure by default across machines: open only when the topology says so (docs/security.md).
+        report.add(("hosts",), f"the nodes run on several machines ({', '.join(machines_spanned(top.hosts, nodes))}) and the "
+                   f"topology says nothing of `security:`: anyone who reaches them could read its registry, write "
+                   f"its keys and inject data. Make keys (`zpipe keys DIR --topology FILE`) and add "
+                   f"`security: {{keys: DIR}}`, or write `security: none` to run it open", at_key=True)
     _check_integers(report, data)
     if report.problems or top is None:
         return None, sorted(report.problems)

@@ -352,12 +352,31 @@ class Topology(Strict):
     description: str = ""
     registry: RegistrySpec = RegistrySpec()
     status: StatusSpec = StatusSpec()
+    # `security: none` says so explicitly: required to run open across machines (see spans_machines).
     security: SecuritySpec | None = None
     hosts: dict[Name, HostSpec] = Field(default_factory=lambda: {"localhost": HostSpec()})
     nodes: dict[Name, NodeSpec]
+
+    @field_validator("security", mode="before")
+    @classmethod
+    def _open(cls, v):
+        return None if v == "none" else v
+
+    def spans_machines(self) -> list[str]:
+        return machines_spanned(self.hosts, self.nodes)
 
     def hosts_used(self) -> list[str]:
         return sorted({n.host for n in self.nodes.values()})
 
     def registry_host(self) -> str:
         return self.registry.host or next(iter(self.hosts))
+
+
+def machines_spanned(hosts: dict[str, HostSpec], nodes: dict[str, NodeSpec]) -> list[str]:
+    """The hosts in use when they are not all this machine's loopback (several machines, or one found
+    only when it starts); [] otherwise. Such a topology must say `security:` (zpipe.topology.load)."""
+    used = sorted({n.host for n in nodes.values() if n.host in hosts})
+    if len(used) < 2:
+        return []
+    local = all(not hosts[h].dynamic and hosts[h].address.startswith("127.") for h in used)
+    return [] if local else used
