@@ -108,6 +108,9 @@ def kinds_topology(tmp_path: Path) -> Path:
     text = (TOPOLOGIES / "4dcamera-local.yaml").read_text().replace("scan_shape: [64, 64]", "scan_shape: [8, 8]")
     text = text.replace("      - plugin: electron-count   # thresholds from the first 1200 complete frames, as at NCEM",
                         "      - plugin: kinds").replace("workers: 1", "workers: 2")
+    # No disk fallback: on a loaded machine the node groups (MPI ranks) may take longer than the
+    # fallback's 5 s wait to register, and the scan would go to disk (exit 0, no analysis output).
+    text = text.replace("    fallback: fallback     # with no node group registered, write version-5 files here\n", "")
     path = tmp_path / "kinds.yaml"
     path.write_text(text)
     return path
