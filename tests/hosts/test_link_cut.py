@@ -16,6 +16,7 @@ Marked `netns` (longer runs; `pytest -m netns tests/hosts`); skipped with the re
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -43,11 +44,10 @@ def frames_named(ranges) -> int:
 
 
 def streaming(path, timeout: float = 60.0) -> bool:
-    """Once the compute host's node groups have received some of the scan (the runner's output says so)."""
+    """Once the node groups have received some of the scan (the runner's progress line says so)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and "scan 1 " in path.read_text(errors="replace") and "announced" in path.read_text(
-                errors="replace"):
+        if path.exists() and re.search(r"scan 1 (announced|streaming) [1-9]", path.read_text(errors="replace")):
             return True
         time.sleep(0.2)
     return False
