@@ -77,14 +77,15 @@ def run(rt: NodeRuntime, make_plugin) -> dict:
                 rt.meter.state = "writing"
                 counts = _fallback(rt, job, rec)
             else:
-                planned = _in_threads(rt, job.plugins, lambda t, p: {"planned": sum(1 for _ in p.plan(job.scan, t, spec.threads))})
+                shares: dict[int, tuple] = {}  # thread -> its share's plan (one pass over the headers)
+                planned = _in_threads(rt, job.plugins, lambda t, p: _plan_share(rt, job, t, p, ngs, shares))
                 flow.publish_scan(rt, job.id, done=False, planned=planned["planned"], sent=0, first_sent=None)
                 if rt.replica == 0:  # the record follows the scan: announced, streaming, done
                     scans.update(rt.kv, job.id, status="streaming")
                 pace = Pace(len(job.plugins))
                 spill_to = _spill_directory(rt, job)
                 counts = _in_threads(rt, job.plugins, lambda t, p: _send_share(rt, job, t, p, ngs, outbox(t), pace,
-                                                                                owed[t], spill_to))
+                                                                                owed[t], spill_to, shares[t]))
             flow.publish_scan(rt, job.id, done=True, planned=counts.get("planned", 0),
                               sent=counts.get("messages", 0), undeliverable=counts.get("undeliverable", 0),
                               bytes=counts.get("bytes", 0), seconds=time.perf_counter() - t0,
@@ -115,14 +116,27 @@ def _spill_directory(rt: NodeRuntime, job: Job) -> str | None:
     return os.path.join(rt.output_dir, rt.spec.fallback)
 
 
+def _plan_share(rt: NodeRuntime, job: Job, t: int, plugin: Source, ngs: list[int], shares: dict) -> dict:
+    """Thread t's share before it is sent: how many messages, and (sending straight to the node groups)
+    how many go to each, which their infos announce."""
+    route, direct, n = rt.plan.route, rt.plan.aggregator is None, len(ngs)
+    planned, per_ng = 0, collections.Counter()
+    for h in plugin.plan(job.scan, t, rt.spec.threads):
+        planned += 1
+        if direct:
+            per_ng[ngs[int(h[route]) % n]] += 1
+    shares[t] = (planned, per_ng)
+    return {"planned": planned}
+
+
 def _send_share(rt: NodeRuntime, job: Job, t: int, plugin: Source, ngs: list[int], out: Outbox, pace: Pace,
-                owed: dict, spill_to: str | None) -> dict:
+                owed: dict, spill_to: str | None, share: tuple) -> dict:
     plan = rt.plan
     keys = job.meta.get("keys")
     keys = tuple(keys) if isinstance(keys, (list, tuple)) and len(keys) == 2 else None
     spill = Spill(plugin, job.scan, spill_to, plan.key, plan.part, keys) if spill_to else None
     try:
-        counts = stream(rt, plugin, job, t, ngs, out, pace, owed, spill)
+        counts = stream(rt, plugin, job, t, ngs, out, pace, owed, spill, share)
     except BaseException:
         if spill is not None:
             spill.abort()  # leave no file under a final name

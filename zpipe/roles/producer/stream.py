@@ -116,22 +116,18 @@ class Spill:
 
 
 def stream(rt: NodeRuntime, plugin: Source, job: Job, t: int, ngs: list[int], out: Outbox, pace: Pace,
-           owed: dict[int, list], spill: Spill | None) -> dict:
+           owed: dict[int, list], spill: Spill | None, share: tuple[int, collections.Counter]) -> dict:
     """Thread t's share of the scan. `owed`: node group -> `done`s of earlier scans this thread gave up
     on it in, sent first should it come back (it was frozen, not dead). `spill`: where the rest goes
-    when nobody downstream can take it (None: nowhere, it is counted undeliverable)."""
+    when nobody downstream can take it (None: nowhere, it is counted undeliverable). `share`: its plan
+    (messages, and per node group when sending straight to them: producer._plan_share)."""
     plan, pipe, sc = rt.plan, rt.pipe, job.scan
     route, threads = plan.route, rt.spec.threads
     direct = plan.aggregator is None
     me = plan.producer_sender(rt.replica, t)
     n = len(ngs)
     gone: set[int] = set()  # node groups of the scan we send nothing more to (gone, or leaving)
-    planned = 0
-    counts: collections.Counter = collections.Counter()
-    for h in plugin.plan(sc, t, threads):
-        planned += 1
-        if direct:
-            counts[ngs[int(h[route]) % n]] += 1
+    planned, counts = share
     messages_sent = nbytes = lost = 0
     sent_to: collections.Counter = collections.Counter()
     first_sent = None
