@@ -43,12 +43,13 @@ class CameraSource(Source):
         scan_shape: tuple[int, int] = Field((32, 32), description="scan positions (width, height)")
         scans: int = Field(1, ge=1)
         first_scan: int = Field(1, ge=0, description="scan number of the first scan")
-        first_frame: int = Field(1000, ge=0, description="frame number of a scan's first frame")
+        first_frame: int = Field(1000, ge=0, le=2**52, description="frame number of a scan's first frame")
         electrons_per_frame: float = Field(40.0, ge=0)
         xray_probability: float = Field(0.01, ge=0, le=1)
         loss: float = Field(0.0, ge=0, le=1, description="probability that a sector is lost upstream")
         seed: int = Field(0, ge=0)
-        rate: float | None = Field(None, gt=0, description="frames per second; default: as fast as possible")
+        rate: float | None = Field(None, ge=10, le=1e7, description="frames per second (at least 10: a pause "
+                                   "between frames delays a stop); default: as fast as possible")
         sectors: list[int] | None = Field(None, description="sectors this replica sends; default: its own "
                                           "when there are 4 replicas, else all")
         max_file_bytes: int | None = Field(None, description="disk fallback: roll over to a new file at this size")
@@ -63,8 +64,8 @@ class CameraSource(Source):
         xray_probability: float | None = Field(None, ge=0, le=1)
         loss: float | None = Field(None, ge=0, le=1)
         seed: int | None = Field(None, ge=0)
-        rate: float | None = Field(None, gt=0)
-        first_frame: int | None = Field(None, ge=0)
+        rate: float | None = Field(None, ge=10, le=1e7)  # see Params.rate
+        first_frame: int | None = Field(None, ge=0, le=2**52)  # frame numbers stay exact in every header
 
         @field_validator("scan_shape")
         @classmethod

@@ -121,10 +121,13 @@ def _plan_share(rt: NodeRuntime, job: Job, t: int, plugin: Source, ngs: list[int
     how many go to each, which their infos announce."""
     route, direct, n = rt.plan.route, rt.plan.aggregator is None, len(ngs)
     planned, per_ng = 0, collections.Counter()
+    stop = rt.stop
     for h in plugin.plan(job.scan, t, rt.spec.threads):
         planned += 1
         if direct:
             per_ng[ngs[int(h[route]) % n]] += 1
+        if not planned & 0xFFF and stop.is_set():  # a huge scan's plan takes a while
+            raise InterruptedError("stopped while planning")
     shares[t] = (planned, per_ng)
     return {"planned": planned}
 
@@ -335,8 +338,15 @@ def _fallback(rt: NodeRuntime, job: Job, rec: dict) -> dict:
                     log.error("scan %d: only %d of %d producer threads said their files are final", job.id,
                               len(parts), want)
                     break
-        written = plugins[0].finish_recording(sc, directory, list(parts.values()))
+        error = None
+        try:
+            written = plugins[0].finish_recording(sc, directory, list(parts.values()))
+        except Exception as exc:  # the files are there, their index is not: say so in the record
+            error, written = f"{type(exc).__name__}: {exc}"[:1000], None
+            log.error("scan %d: could not finish the files' index in %s: %s", job.id, directory, error)
         scans.update(rt.kv, job.id, status="done", fallback={"directory": directory, **(written or {}),
-                                                               "threads": len(parts), "of": want, "why": why},
-                     outcome="complete" if len(parts) >= want else "incomplete", finished=time.time())
+                                                               "threads": len(parts), "of": want, "why": why,
+                                                               **({"error": error} if error else {})},
+                     outcome="failed" if error else "complete" if len(parts) >= want else "incomplete",
+                     finished=time.time())
     return counts

@@ -185,6 +185,10 @@ def stream(rt: NodeRuntime, plugin: Source, job: Job, t: int, ngs: list[int], ou
         """A node group of the scan that began to leave gets nothing more, and our done at once, while
         others remain; once none is left to take the rest, it goes to disk."""
         roster, node = rt.roster, plan.node_group
+        if not direct and roster.leaving(plan.aggregator, 0):
+            # It relays what it has to its end and goes (zpipe.roles.aggregator, bounded): the rest, to disk.
+            off(f"the aggregator {plan.aggregator} is leaving")
+            return
         leaving = [g for g in ngs if g not in gone and roster.leaving(node, g)]
         if all(g in gone or g in leaving or roster.gone(node, g) for g in ngs):
             off("every node group of the scan left or is gone")
@@ -209,8 +213,12 @@ def stream(rt: NodeRuntime, plugin: Source, job: Job, t: int, ngs: list[int], ou
             deliver(g, done)
         if deliver(g, messages.info(pipe, job.id, me, ngs, job.meta, expected=counts.get(g, 0) if direct else planned)):
             told.add(g)
+    look()  # the peers chosen for the scan may have begun to leave while the plan was made
     looked = time.monotonic()
+    stop = rt.stop
     for msg in plugin.messages(sc, t, threads):
+        if stop.is_set():
+            raise InterruptedError("stopped while sending")
         header = msg.header
         header["scan"], header["pipe"], header["sender"] = job.id, pipe, me
         if downstream:
