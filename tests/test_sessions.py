@@ -86,7 +86,9 @@ def test_scans_go_to_disk_without_a_session_stream_with_one_and_a_session_that_e
                             "--set", "rate=300", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     try:
-        time.sleep(2.0)
+        first = acq.stdout.readline()  # "acquisition ID: scan 3 to node groups [0, 1]" (bounded by the timeout)
+        assert "scan 3 to node groups" in first, first
+        time.sleep(1.0)  # well into the scan (~3.4 s at 300 frames/s)
         left_in = site.stop("session")
         out, err = acq.communicate(timeout=120)
     finally:
@@ -198,4 +200,34 @@ def test_with_the_aggregator_down_scans_go_to_disk_and_stream_again_once_it_is_b
           f"(streamed {r['received']:,} + written {r.get('written', 0):,} of {r['expected']:,}); scan 4 to disk; "
           f"back: scan 5 streamed; {time.monotonic() - t0:.0f} s in all")
     for name in ("session", "agg2", "servers"):
+        assert site.stop(name) < 30
+
+
+@pytest.mark.timeout(300)
+def test_requests_that_cannot_be_served_are_refused_in_a_line_and_a_replay_request_streams_the_disk_scan(site):
+    site.start("servers", "servers")
+    site.wait_alive("producer", 4)
+    site.wait_alive("aggregator", 1)
+    scan, line, rc = site.acquire("--shape", "16x16")  # no session: to disk
+    assert rc == 0 and scan == 1 and "written to disk" in line, line
+
+    # Each refused with its reason, none announced; the service goes on.
+    for args, why in ((["--set", "rate=0.001"], "rate"), (["--set", "first_frame=1e30"], "first_frame"),
+                      (["--set", "no_such=1"], "no_such"), (["--scan", str(2**53)], "scan"),
+                      (["--replay", "../elsewhere"], "inside it"),
+                      (["--replay", "fallback", "--replay-scan", "1"], "no node group")):
+        proc = subprocess.run([sys.executable, "-m", "zpipe", "acquire", "--registry", site.registry, *args, "--wait"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode in (1, 2) and why in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+    site.start("session", "compute", "--registry", site.registry)
+    site.wait_alive("nodegroup", 2)
+    scan, line, rc = site.acquire("--replay", "fallback", "--replay-scan", "1")
+    assert rc == 0 and scan == 2 and "scan 2 complete" in line, line
+    r = site.report(2)
+    n, total = truth_sum(1)
+    assert r["received"] == r["expected"] == n and r["analyses"]["framesum"]["sum"] == total
+    scan, line, rc = site.acquire("--shape", "16x16")  # numbering goes on after the replay
+    assert rc == 0 and scan == 3 and "scan 3 complete" in line, line
+    for name in ("session", "servers"):
         assert site.stop(name) < 30

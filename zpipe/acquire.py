@@ -103,6 +103,8 @@ def run(args) -> int:
             ans = _await(lambda: acquisitions.answer_of(kv, rid), args.timeout)
             if ans is None:
                 kv.delete(acquisitions.REQUESTS + rid)  # not taken: withdrawn, never served late
+                ans = _await(lambda: acquisitions.answer_of(kv, rid), 1.0)  # ... unless taken just before
+            if ans is None:
                 print(f"acquisition {rid}: no producer took it within {args.timeout:g} s (is a producer running "
                       f"with `service: true` on this registry?); withdrawn", file=sys.stderr)
                 return 1

@@ -18,6 +18,7 @@ from typing import Any
 REQUESTS = "acquire/"
 ANSWERS = "acquired/"
 MAX_PARAMS_BYTES = 64 * 1024  # a request's parameters, packed: far above any real one
+MAX_SCAN = 2**53  # scan numbers every message carries exactly (zpipe.scans.messages.MAX_SCAN)
 
 
 def new_id() -> str:
@@ -76,7 +77,7 @@ def check(value: Any) -> dict:
     if len(pack(params)) > MAX_PARAMS_BYTES:
         raise Refused(f"`params` is over {MAX_PARAMS_BYTES} bytes")
     scan = value.get("scan")
-    if scan is not None and not (type(scan) is int and 0 <= scan < 2**62):
+    if scan is not None and not (type(scan) is int and 0 <= scan < MAX_SCAN):
         raise Refused(f"`scan` must be a non-negative integer, not {scan!r}"[:200])
     replay = value.get("replay")
     if replay is not None:
@@ -87,4 +88,8 @@ def check(value: Any) -> dict:
             raise Refused(f"`replay.scan` must be a non-negative integer, not {rs!r}"[:200])
         if params:
             raise Refused("a replay takes no source parameters (the files say what the scan was)")
+        d = replay["directory"]
+        if "\0" in d or os.path.isabs(d) or ".." in d.replace("\\", "/").split("/"):
+            raise Refused("`replay.directory` is relative to the producers' output directory, inside it "
+                          "(no absolute path, no `..`)")
     return {"params": params, "scan": scan, "replay": replay}

@@ -103,7 +103,9 @@ def test_services_and_a_session_across_three_hosts(net, tmp_path):
         acq = net.popen("servers", [sys.executable, "-m", "zpipe", "acquire", "--registry", site.registry, "--shape",
                                     "64x64", "--set", "rate=1000", "--wait"],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(2.0)
+        first = acq.stdout.readline()  # "acquisition ID: scan 7 to node groups [0, 1]" (bounded by the timeout)
+        assert "scan 7 to node groups" in first, first
+        time.sleep(1.5)  # well into the scan (~4 s at 1,000 frames/s)
         left_in = site.stop("session")
         out, err = acq.communicate(timeout=120)
         assert "scan 7 " in out and "written to disk" in out, out + err

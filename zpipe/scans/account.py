@@ -463,7 +463,13 @@ def on_disk(scan: int, record: dict, producers: dict[int, dict | None]) -> dict[
         reasons.append(f"producers {missing} never said their files were final")
     if fb.get("threads") is not None and fb.get("of") is not None and fb["threads"] < fb["of"]:
         reasons.append(f"only {fb['threads']} of {fb['of']} producer threads closed their files")
-    outcome = "complete" if not reasons and written == planned else "incomplete"
+    if fb.get("error"):
+        reasons.append(f"the files' index could not be finished: {str(fb['error'])[:200]}")
+    unmade = [r for r, f in producers.items() if f and f.get("planned") is None]
+    for r in unmade:
+        reasons.append(f"producer {r} could not make the scan: {str(producers[r].get('error') or '?')[:200]}")
+    outcome = ("failed" if unmade or fb.get("error") else
+               "complete" if not reasons and written == planned else "incomplete")
     return {"scan": scan, "outcome": outcome, "ok": outcome == "complete", "reasons": reasons,
             "expected": planned, "written": written, "received": 0, "complete": 0, "incomplete": 0,
             "on_disk": fb, "node_groups": [], "analyses": {}, "missing_parts": {}, "missing_items": [],

@@ -294,7 +294,9 @@ class NodeGroup:
             writer = st.node_groups[0]
         else:
             alive = [g for g in st.node_groups if g == rt.replica or not rt.roster.gone(rt.name, g)]
-            writer = alive[0] if alive else rt.replica
+            # One that is leaving (its session ends) sends its share rather than write, while another stays.
+            staying = [g for g in alive if not (rt.leave.is_set() if g == rt.replica else rt.roster.leaving(rt.name, g))]
+            writer = (staying or alive or [rt.replica])[0]
         summary = {k: part[k] for k in ("complete", "incomplete", "received", "bytes", "rejected", "missing_parts")}
         summary["analyses"] = {n: a["figures"] for n, a in part["analyses"].items()}
         mine = {"part": summary, "results": {name: {"buffers": r["buffers"].share() if r["buffers"] else None,

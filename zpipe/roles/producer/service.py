@@ -14,10 +14,11 @@ import os
 import time
 from collections.abc import Iterator
 
-from zpipe import acquisitions
+from zpipe import acquisitions, flow
 from zpipe.plugin import Context, Source
 from zpipe.roles.producer.stream import Job
 from zpipe.runtime import NodeRuntime
+from zpipe.scans import messages
 from zpipe.scans import record as scans
 
 log = logging.getLogger("zpipe.producer")
@@ -68,7 +69,11 @@ class Service:
             try:
                 job = self._made.pop(n, None) or self.job(n, rec)
             except Exception as exc:  # a request the announcer accepted but we cannot make: say so, go on
-                log.error("scan %d: cannot make the requested scan here: %s: %s", n, type(exc).__name__, exc)
+                why = f"{type(exc).__name__}: {exc}"
+                log.error("scan %d: cannot make the requested scan here: %s", n, why)
+                # Our figures for it, so that its account closes (failed: our share's plan is unknown)
+                # instead of waiting for them.
+                flow.publish_scan(rt, n, done=True, planned=None, sent=0, error=why[:1000])
                 job = None
             yield job, {k: v for k, v in rec.items() if k != "_scan"}
 
@@ -95,13 +100,25 @@ class Service:
                 if n in self._records() or n <= self.last:
                     raise acquisitions.Refused(f"scan {n} exists already in this pipeline; give a later number "
                                                f"or none (the next is {max([self.last, *self._records()]) + 1})")
+                if n >= acquisitions.MAX_SCAN:
+                    raise acquisitions.Refused(f"scan numbers stop below {acquisitions.MAX_SCAN}")
                 job = self.job(n, {"request": req})  # made here first: a request that cannot be served is refused
+                check_meta = dict(job.meta)
+                if isinstance(check_meta.get("keys"), tuple):
+                    check_meta["keys"] = list(check_meta["keys"])
+                try:  # what every receiver will check in the scan's info: refused now, not rejected there
+                    messages.meta(check_meta)
+                except messages.Rejected as exc:
+                    raise acquisitions.Refused(f"the scan it makes would be rejected downstream: {exc}") from None
+                ngs, why_none = self.choose()
+                if not ngs and req.get("replay") is not None:
+                    raise acquisitions.Refused(f"{why_none}: a replay streams recorded files to node groups "
+                                               f"and is never written to disk again")
             except Exception as exc:
                 why = str(exc) if isinstance(exc, acquisitions.Refused) else f"{type(exc).__name__}: {exc}"
                 log.warning("acquisition %s refused: %s", rid, why)
                 acquisitions.answer(rt.kv, rid, error=why[:1000])
                 continue
-            ngs, why_none = self.choose()
             source = {"node": rt.name, "replicas": rt.spec.replicas, "threads": rt.spec.threads}
             route = {"aggregator": rt.plan.aggregator, "node_group": rt.plan.node_group}
             self._made = {n: job}
