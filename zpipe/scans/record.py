@@ -65,6 +65,8 @@ def update(kv: KVClient, scan: int, **fields) -> dict:
     if not isinstance(current, dict) or current.get("pipe") != mine.get("pipe", current.get("pipe")):
         current = {}  # another pipeline's record of this number (or junk): replaced, not merged
     rec = {"scan": scan, **current, **mine}
+    if "status" not in fields and current.get("status") == "done":
+        rec["status"] = "done"  # final (the accountant closed it): a later field of ours never reopens it
     kv.set(key(scan), rec)
     return rec
 
