@@ -225,12 +225,15 @@ class Truth:
         self.sums = [[None if self.cam.lost(i, k) else int(self.cam.sector(i, k).sum(dtype="int64")) for k in range(4)]
                      for i in range(self.n)]
 
-    def check(self, report: dict, *, dead_share: set[int] | None = None, n_groups: int = 2) -> dict:
+    def check(self, report: dict, *, dead_share: set[int] | None = None, n_groups: int = 2,
+              on_disk: tuple[int, int] | None = None) -> dict:
         """Assert the report names exactly what was lost; returns figures for the test to print.
 
         The framesum total must equal the pixel sum of exactly the parts the report does not name
         as lost (or lost upstream); items the report names lost must be those the source made, and
         with `dead_share` (node-group indices that died), only items routed to them may be lost.
+        `on_disk`: (parts, pixel sum) of what the producers wrote to disk mid-scan, read back from the
+        files; those parts count with the processed ones.
         """
         assert report["outcome"] in ("complete", "incomplete", "failed"), report["outcome"]
         if report["outcome"] == "failed":
@@ -250,10 +253,14 @@ class Truth:
                 total += s
                 parts_in += 1
         fs = report["analyses"].get("framesum", {})
-        assert fs.get("sum", 0) == total, f"framesum {fs.get('sum')} != {total}: a part was lost unnamed or counted twice"
-        processed = self.n - len(missing_items)
-        assert fs.get("frames", 0) == processed + len(report.get("split_items", [])), (fs.get("frames"), processed)
-        assert report["received"] == parts_in, (report["received"], parts_in)
+        disk_n, disk_sum = on_disk or (0, 0)  # parts written to disk mid-scan: neither lost nor processed
+        assert report.get("written", 0) == disk_n, (report.get("written"), disk_n)
+        assert fs.get("sum", 0) + disk_sum == total, \
+            f"framesum {fs.get('sum')} + on disk {disk_sum} != {total}: a part was lost unnamed or counted twice"
+        assert report["received"] + disk_n == parts_in, (report["received"], disk_n, parts_in)
+        if not on_disk:
+            processed = self.n - len(missing_items)
+            assert fs.get("frames", 0) == processed + len(report.get("split_items", [])), (fs.get("frames"), processed)
         assert report["lost_parts"] == sum(len(v) for v in missing_parts.values()) + 4 * len(missing_items)
         for i in range(self.n):  # a part the source never had is always named on its item
             key = self.first + i

@@ -189,8 +189,9 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
         spilled = record.get("spilled") if isinstance(record.get("spilled"), dict) else {}
         where = ", ".join(sorted(spilled_to)) or "the producers' fallback"
         rep["on_disk"] = {"directory": where, "messages": written, "manifest": spilled.get("manifest")}
-        reasons.append(f"{written:,} messages of the scan went to disk ({where}): nobody downstream could take "
-                       f"them (its node groups left, or the aggregator was gone)")
+        if sent:  # split: the analyses saw only the streamed part (all of it on disk is a scan on disk)
+            reasons.append(f"{written:,} messages of the scan went to disk ({where}): nobody downstream could take "
+                           f"them (its node groups left, or the aggregator was gone)")
 
     # -- the aggregator ----------------------------------------------------------------------------
     relayed_in = None
@@ -203,7 +204,8 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
                                                              "rerouted", "done")}
         if not aggregator.get("done"):
             reasons.append(f"the aggregator stopped before it closed the scan ({gone.get('aggregator', 'no final count')})")
-    elif record.get("route", {}).get("aggregator"):
+    elif record.get("route", {}).get("aggregator") and (sent or unknown_plan):
+        # (Nothing sent through it, every message written to disk: its figures have nothing to add.)
         reasons.append("the aggregator never reported on the scan")
 
     # -- the node groups ---------------------------------------------------------------------------
@@ -335,7 +337,16 @@ def total(scan: int, record: dict, producers: dict[int, dict | None], aggregator
             reasons.append(f"{duplicates:,} whole items were processed by more than one node group")
         if parts_per_item:
             parts_missing += len(missing) * parts_per_item
-            parts_missing += int(np.maximum(parts_per_item - on_disk[disk_only], 0).sum())
+            # Items no node group processed, some of whose parts went to disk: the others are lost
+            # (in transit, with a peer that died), each named on its item.
+            short = np.flatnonzero(disk_only & (on_disk < parts_per_item))
+            for i in short.tolist()[:100_000]:
+                k = i + first
+                rep["missing_parts"][str(k)] = [p for p in range(parts_per_item)
+                                                if not (p in disk and disk[p].bits[i])]
+            parts_missing += int((parts_per_item - on_disk[short]).sum())
+            if len(short):
+                rep["missing_parts"] = dict(sorted(rep["missing_parts"].items(), key=lambda kv: int(kv[0])))
             # Parts the sources never had: the scan's parts less those the producers planned to send.
             rep["parts_lost_upstream"] = max(0, count * parts_per_item - planned) if not unknown_plan else None
             if rep["parts_lost_upstream"] is not None and parts_missing > rep["parts_lost_upstream"]:
