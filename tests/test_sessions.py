@@ -148,6 +148,7 @@ def agg_site(tmp_path):
         assert not left, f"processes left behind: {[p.info for p in left]}"
 
 
+@pytest.mark.slow  # ~70 s; the default run stays near 10 min (run: pytest -m slow tests/test_sessions.py)
 @pytest.mark.timeout(300)
 def test_with_the_aggregator_down_scans_go_to_disk_and_stream_again_once_it_is_back(agg_site):
     site, t0 = agg_site, time.monotonic()
