@@ -108,6 +108,25 @@ class Site:
         proc.wait(timeout=timeout)
         return time.monotonic() - t0
 
+    def end_mid_scan(self, name: str, scan: int, shape: str, rate: int, after: float,
+                     host: str = "servers") -> tuple[float, str, str]:
+        """A paced acquisition; `after` s into its streaming, SIGTERM to runner `name` (a session or the
+        aggregator leaving mid-scan). (seconds it took to leave, the acquisition's stdout, stderr)."""
+        acq = self.spawn(host, [sys.executable, "-m", "zpipe", "acquire", "--registry", self.registry, "--shape",
+                                shape, "--set", f"rate={rate}", "--wait"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = acq.stdout.readline()  # "acquisition ID: scan N to node groups [0, 1]" (bounded by the timeout)
+            assert f"scan {scan} to node groups" in first, first
+            time.sleep(after)  # well into the scan
+            left_in = self.stop(name)
+            out, err = acq.communicate(timeout=120)
+        finally:
+            if acq.poll() is None:
+                os.killpg(acq.pid, signal.SIGKILL)
+                acq.wait(10)
+        return left_in, out, err
+
     def report(self, scan: int) -> dict:
         return json.loads((self.out(self.registry_host) / f"scan_{scan}_report.json").read_text())
 
@@ -145,4 +164,21 @@ def pixel_sum_on_disk(directory: Path, scan: int) -> tuple[int, int]:
     for _header, sector in read_sectors(scan_files(directory, scan)):
         n += 1
         total += int(sector.sum(dtype="int64"))
+    return n, total
+
+
+def truth_sum(scan: int, shape=(16, 16), seed: int = 0) -> tuple[int, int]:
+    """(sectors, pixel sum) of the simulated scan as the producers make it."""
+    from zpipe.plugin import Context, Scan
+    from zpipe_4dcamera.sources import CameraSource
+
+    src = CameraSource(CameraSource.Params(scan_shape=shape, seed=seed))
+    src.setup(Context("truth"))
+    cam = src.camera(Scan(scan))
+    n = total = 0
+    for i in range(cam.n_frames):
+        for k in range(4):
+            if not cam.lost(i, k):
+                n += 1
+                total += int(cam.sector(i, k).sum(dtype="int64"))
     return n, total

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from sessions import Site, pixel_sum_on_disk, service_topology
+from sessions import Site, pixel_sum_on_disk, service_topology, truth_sum
 from support import TOPOLOGIES, zpipe
 
 
@@ -42,23 +42,6 @@ def site(tmp_path):
         assert not left, f"processes left behind: {[p.info for p in left]} (runners {pids})"
 
 
-def truth_sum(scan: int, shape=(16, 16), seed: int = 0) -> tuple[int, int]:
-    """(sectors, pixel sum) of the simulated scan as the producers make it."""
-    from zpipe.plugin import Context, Scan
-    from zpipe_4dcamera.sources import CameraSource
-
-    src = CameraSource(CameraSource.Params(scan_shape=shape, seed=seed))
-    src.setup(Context("truth"))
-    cam = src.camera(Scan(scan))
-    n = total = 0
-    for i in range(cam.n_frames):
-        for k in range(4):
-            if not cam.lost(i, k):
-                n += 1
-                total += int(cam.sector(i, k).sum(dtype="int64"))
-    return n, total
-
-
 @pytest.mark.timeout(300)
 def test_scans_go_to_disk_without_a_session_stream_with_one_and_a_session_that_ends_mid_scan_loses_nothing(site):
     t0 = time.monotonic()
@@ -82,18 +65,7 @@ def test_scans_go_to_disk_without_a_session_stream_with_one_and_a_session_that_e
 
     # The session ends (SIGTERM, as a batch system does) in the middle of a paced scan: what streamed
     # and what went to disk are the whole scan, sector for sector.
-    acq = subprocess.Popen([sys.executable, "-m", "zpipe", "acquire", "--registry", site.registry, "--shape", "32x32",
-                            "--set", "rate=300", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
-    try:
-        first = acq.stdout.readline()  # "acquisition ID: scan 3 to node groups [0, 1]" (bounded by the timeout)
-        assert "scan 3 to node groups" in first, first
-        time.sleep(1.0)  # well into the scan (~3.4 s at 300 frames/s)
-        left_in = site.stop("session")
-        out, err = acq.communicate(timeout=120)
-    finally:
-        if acq.poll() is None:
-            acq.kill()
+    left_in, out, err = site.end_mid_scan("session", 3, "32x32", rate=300, after=1.0)  # ~3.4 s at 300 frames/s
     assert left_in < 20, f"the session took {left_in:.1f} s to leave"
     assert "scan 3 incomplete" in out and "written to disk" in out, out + err
     r = site.report(3)
@@ -172,18 +144,7 @@ def test_with_the_aggregator_down_scans_go_to_disk_and_stream_again_once_it_is_b
     assert rc == 0 and scan == 2 and "scan 2 complete" in line, line
 
     # It leaves (SIGTERM) in the middle of a paced scan: that scan is relayed to its end; the next goes to disk.
-    acq = subprocess.Popen([sys.executable, "-m", "zpipe", "acquire", "--registry", site.registry, "--shape", "32x32",
-                            "--set", "rate=300", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
-    try:
-        first = acq.stdout.readline()  # "acquisition ID: scan 3 to node groups [0, 1]" (bounded by the timeout)
-        assert "scan 3 to node groups" in first, first
-        time.sleep(1.0)  # well into the scan (~3.4 s at 300 frames/s)
-        left_in = site.stop("agg")
-        out, err = acq.communicate(timeout=120)
-    finally:
-        if acq.poll() is None:
-            acq.kill()
+    left_in, out, err = site.end_mid_scan("agg", 3, "32x32", rate=300, after=1.0)
     assert left_in < 25, f"the aggregator took {left_in:.1f} s to leave"
     r = site.report(3)
     assert r["lost_parts"] == 0 and not r["missing_items"] and not r["missing_parts"], r["reasons"]

@@ -23,13 +23,14 @@ FRAMES = 64 * 64
 RUN_BOUND = 150.0  # seconds every runner of a test has, together, to end
 
 
-def make_net(request) -> netns.Net:
-    """The three hosts' Net, closed when the test ends (every process ended by pid, every namespace
-    deleted, even on failure); the test skipped with the reason where namespaces cannot be made."""
+def make_net(request, hosts: list[str] = HOSTS) -> netns.Net:
+    """A Net of `hosts` (default: these three), closed when the test ends (every process ended by pid,
+    every namespace deleted, even on failure); the test skipped with the reason where namespaces cannot
+    be made."""
     why = netns.available()
     if why:
         pytest.skip(f"needs network namespaces: {why}")
-    n = netns.Net(HOSTS)
+    n = netns.Net(hosts)
     request.addfinalizer(n.close)
     return n
 

@@ -10,16 +10,14 @@ streaming the same scans gives. Marked `netns` (about two minutes): `pytest -m n
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 import psutil
 import pytest
 
-import netns
-from sessions import Site, pixel_sum_on_disk, service_topology
+from sessions import Site, pixel_sum_on_disk, service_topology, truth_sum
+from three_hosts import make_net
 from support import TOPOLOGIES, zpipe
 
 HOSTS = ["servers", "agg", "compute"]
@@ -30,12 +28,7 @@ BOUND = 300.0  # seconds the whole story may take
 
 @pytest.fixture
 def net(request):
-    why = netns.available()
-    if why:
-        pytest.skip(f"needs network namespaces: {why}")
-    n = netns.Net(HOSTS)
-    request.addfinalizer(n.close)
-    return n
+    return make_net(request, HOSTS)
 
 
 def camera(scan: int):
@@ -46,18 +39,6 @@ def camera(scan: int):
     src = CameraSource(CameraSource.Params(scan_shape=SHAPE))
     src.setup(Context("truth"))
     return src.camera(Scan(scan))
-
-
-def truth(scan: int) -> tuple[int, int]:
-    """(sectors, pixel sum) of a scan as the producers made it."""
-    cam = camera(scan)
-    n = total = 0
-    for i in range(cam.n_frames):
-        for k in range(4):
-            if not cam.lost(i, k):
-                n += 1
-                total += int(cam.sector(i, k).sum(dtype="int64"))
-    return n, total
 
 
 @pytest.mark.netns
@@ -87,7 +68,7 @@ def test_services_and_a_session_across_three_hosts(net, tmp_path):
                 x, y = cam.scan_position(i)
                 block = reader.read_frames((y, x))[0]
                 assert np.array_equal(np.asarray(block.data).reshape(576, 576), cam.frame(i)), (n, i)
-            assert pixel_sum_on_disk(fallback, n) == truth(n)
+            assert pixel_sum_on_disk(fallback, n) == truth_sum(n, SHAPE)
 
         # A session joins: three acquisitions stream exactly.
         site.start("session", "compute")
@@ -100,17 +81,10 @@ def test_services_and_a_session_across_three_hosts(net, tmp_path):
             assert (site.out("compute") / f"scan_{n}_electrons.h5").exists()
 
         # The session ends (SIGTERM) in the middle of the seventh.
-        acq = net.popen("servers", [sys.executable, "-m", "zpipe", "acquire", "--registry", site.registry, "--shape",
-                                    "64x64", "--set", "rate=1000", "--wait"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        first = acq.stdout.readline()  # "acquisition ID: scan 7 to node groups [0, 1]" (bounded by the timeout)
-        assert "scan 7 to node groups" in first, first
-        time.sleep(1.5)  # well into the scan (~4 s at 1,000 frames/s)
-        left_in = site.stop("session")
-        out, err = acq.communicate(timeout=120)
+        left_in, out, err = site.end_mid_scan("session", 7, "64x64", rate=1000, after=1.5)  # ~4 s at 1,000 frames/s
         assert "scan 7 " in out and "written to disk" in out, out + err
         r = site.report(7)
-        n7, sum7 = truth(7)
+        n7, sum7 = truth_sum(7, SHAPE)
         disk_n, disk_sum = pixel_sum_on_disk(fallback, 7)
         assert r["lost_parts"] == 0 and not r["missing_items"], r["reasons"]
         assert r["received"] + r["written"] == r["expected"] == n7 and disk_n == r["written"]
@@ -147,4 +121,4 @@ def test_services_and_a_session_across_three_hosts(net, tmp_path):
         a, b = (json.loads((d / f"scan_{scan}_report.json").read_text()) for d in (replayed, live))
         for key in ("expected", "received", "complete", "incomplete", "missing_parts", "analyses"):
             assert a[key] == b[key], (scan, key)
-        assert np.isclose(a["analyses"]["framesum"]["sum"], truth(scan)[1])
+        assert np.isclose(a["analyses"]["framesum"]["sum"], truth_sum(scan, SHAPE)[1])
