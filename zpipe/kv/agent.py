@@ -78,6 +78,7 @@ class Agent:
     def __init__(self, client: KVClient):
         self.c = client
         self.ctx = zmq.Context()
+        self.ctx.set(zmq.THREAD_NAME_PREFIX, p.CLIENT_THREADS)
         self.poller = zmq.Poller()
         self.poller.register(client._wake_r.fileno(), zmq.POLLIN)
         self.dealer: zmq.Socket | None = None

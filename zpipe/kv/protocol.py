@@ -70,6 +70,10 @@ MAX_COUNTED_SUBTREES = 1024  # distinct subtrees the server counts (every heartb
 ORIGIN_LEN = 16  # client id (8) + write number (8)
 MAX_EPOCH = 64  # characters
 MAX_HEARTBEAT = 3600.0  # seconds between a server's heartbeats
+# libzmq names a context's threads "<prefix>/ZMQbg/IO/0" (an integer prefix only): the registry's clients'
+# threads ("1/...") and its server's ("2/...") stand apart from the data plane's in `top -H`, py-spy and
+# the benchmarks (benchmarks/bench_security.py measures the control plane's CPU by them).
+CLIENT_THREADS, SERVER_THREADS = 1, 2
 
 
 def pack(value: Any) -> bytes:

@@ -135,6 +135,7 @@ class KVServer:
     def run(self, stop: threading.Event, on_ready: Callable[[str], None] | None = None) -> None:
         """Bind, then serve in the calling thread until ``stop`` is set."""
         ctx = zmq.Context()
+        ctx.set(zmq.THREAD_NAME_PREFIX, p.SERVER_THREADS)
         sockets = []
         auth = self.auth
         if auth is not None:
