@@ -287,6 +287,47 @@ def _timed_run(self, _run=threading.Thread._bootstrap_inner):  # subclasses that
             _thread_cpu[key] = _thread_cpu.get(key, 0.0) + time.thread_time()
 
 
+_zmq_threads = {}  # tid -> (name, CPU seconds) of libzmq's threads, as last seen: before each context ends, at exit
+
+
+def _snapshot_zmq_threads():
+    """libzmq's threads are not Python's: their CPU (schedstat: nanoseconds on the CPU) read from /proc, by name
+    ("ZMQbg/IO/0", or "1/ZMQbg/IO/0" for a context with a thread name prefix, as the registry's)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+            if "ZMQbg" not in name:
+                continue
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                _zmq_threads[tid] = (name, int(f.read().split()[0]) / 1e9)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
+def _measure_context_ends():
+    try:
+        import zmq
+    except ImportError:
+        return
+    term = zmq.Context.term
+
+    def measured_term(self):
+        _snapshot_zmq_threads()  # the context's threads end with it
+        return term(self)
+
+    zmq.Context.term = measured_term
+
+
+def _zmq_thread_cpu():
+    _snapshot_zmq_threads()
+    out = {}
+    for name, cpu in _zmq_threads.values():
+        key = name.rstrip("0123456789")
+        out[key] = out.get(key, 0.0) + cpu
+    return out
+
+
 _max_pending = [None]  # node groups: the most items that ever waited in an Assembler for missing parts
 
 
@@ -320,7 +361,8 @@ def _report():
         json.dump({"label": _label(), "pid": os.getpid(), "peak_rss": status.get("VmHWM", 0),
                    "rss": status.get("VmRSS", 0), "cpu": ru.ru_utime + ru.ru_stime, "user": ru.ru_utime,
                    "sys": ru.ru_stime, "minflt": ru.ru_minflt, "nvcsw": ru.ru_nvcsw, "nivcsw": ru.ru_nivcsw,
-                   "threads": {"main": time.thread_time(), **_thread_cpu}, "max_pending": _max_pending[0]}, f)
+                   "threads": {"main": time.thread_time(), **_thread_cpu}, "zmq_threads": _zmq_thread_cpu(),
+                   "max_pending": _max_pending[0]}, f)
 
 
 def _profile():
@@ -354,6 +396,7 @@ def _profile():
 if _DIR:
     threading.Thread._bootstrap_inner = _timed_run  # per-thread CPU without a profiler's overhead
     atexit.register(_report)
+    _measure_context_ends()
     if _label().startswith("nodegroup["):
         _watch_assembly()
     if _label() in os.environ.get("BENCH_TRANSPORT_PROFILE", "").split(","):
