@@ -18,14 +18,15 @@ from support import TOPOLOGIES
 
 
 def service_topology(path: Path, *, port: int, hosts: dict[str, str], scan_shape=(16, 16), aggregator_host="servers",
-                     registry_host="servers", analyses=("framesum", "electron-count")) -> Path:
+                     registry_host="servers", analyses=("framesum", "electron-count"), security="none") -> Path:
     """The 4D-Camera pipeline as services: producers (service: true, disk fallback) on `servers`, the
-    aggregator there (or on `aggregator_host`), two node groups on `compute`; the registry on `registry_host`."""
+    aggregator there (or on `aggregator_host`), two node groups on `compute`; the registry on `registry_host`.
+    `security`: the topology's section (open by default: loopback, or the test's own namespaces)."""
     text = (TOPOLOGIES / "4dcamera-local.yaml").read_text()
     host_lines = "".join(f"  {h}: {{address: {a}}}\n" for h, a in hosts.items())
     edits = [
         ("nodes:\n", f"hosts:\n{host_lines}registry: {{host: {registry_host}, port: {port}}}\n"
-                      f"security: none\nnodes:\n"),  # open: loopback, or the test's own namespaces
+                      f"security: {security}\nnodes:\n"),
         ("    role: producer\n", "    role: producer\n    host: servers\n    service: true\n"),
         ("    role: aggregator\n", f"    role: aggregator\n    host: {aggregator_host}\n"),
         ("    role: nodegroup\n", "    role: nodegroup\n    host: compute\n"),
@@ -43,8 +44,10 @@ def service_topology(path: Path, *, port: int, hosts: dict[str, str], scan_shape
 class Site:
     """The processes of one facility under test; every one ended (by pid) in close()."""
 
-    def __init__(self, topology: Path, workdir: Path, registry: str, spawn=None, registry_host: str = "servers"):
+    def __init__(self, topology: Path, workdir: Path, registry: str, spawn=None, registry_host: str = "servers",
+                 keys: Path | None = None):
         self.topology, self.workdir, self.registry = topology, workdir, registry
+        self.keys = keys  # a secured topology's key directory: the operator's key for acquire and our own reads
         self.registry_host = registry_host  # its runner's accountant writes the scans' reports
         self.spawn = spawn or self._local
         self.procs: dict[str, subprocess.Popen] = {}
@@ -70,8 +73,9 @@ class Site:
 
     def wait_alive(self, node: str, replicas: int, timeout: float = 60, host: str = "servers") -> None:
         """Until `replicas` replicas of `node` are alive (and not leaving) in the registry, asked from `host`."""
-        code = (f"from zpipe.kv import KVClient\n"
-                f"kv = KVClient({self.registry!r}, ('nodes/',), name='test', connect_timeout={timeout}).start()\n"
+        code = (f"from zpipe.kv import KVClient\nfrom zpipe.security import operator_curve\n"
+                f"kv = KVClient({self.registry!r}, ('nodes/',), name='test', connect_timeout={timeout}, "
+                f"curve=operator_curve({str(self.keys) if self.keys else None!r})).start()\n"
                 f"kv.wait(lambda items: sum(1 for k, v in items.items() if k.startswith('nodes/{node}/') and "
                 f"isinstance(v, dict) and not v.get('leaving')) >= {replicas}, prefix='nodes/{node}/', "
                 f"timeout={timeout})\n")
@@ -86,8 +90,9 @@ class Site:
 
     def acquire(self, *args: str, host: str = "servers", timeout: float = 120) -> tuple[int | None, str, int]:
         """`zpipe acquire --registry R ARGS --wait`: (scan number, its account's line, exit code)."""
-        proc = self.spawn(host, [sys.executable, "-m", "zpipe", "acquire", "--registry", self.registry, *args, "--wait"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        keys = ["--keys", str(self.keys)] if self.keys else []
+        proc = self.spawn(host, [sys.executable, "-m", "zpipe", "acquire", "--registry", self.registry, *keys, *args,
+                                 "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

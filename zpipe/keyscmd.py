@@ -22,7 +22,7 @@ def run(args) -> int:
                 print(p, file=sys.stderr)
             return 1
         if topo is None:
-            names += list(security.SPECIAL) + _node_names(args.topology)
+            names += list(security.SPECIAL) + _identities(args.topology)
         else:
             names += security.identities(topo)
     try:
@@ -46,20 +46,30 @@ def run(args) -> int:
     return 1 if any(r["secret"].startswith("LOOSE") or r["public"].startswith("BROKEN") for r in rows) else 0
 
 
-def _node_names(path: str) -> list[str]:
-    """Node names of a topology the model rejected only for its missing keys (a second parse, names only)."""
+def _identities(path: str) -> list[str]:
+    """The nodes' and replicas' identities of a topology the model rejected only for its missing keys (a second
+    parse: names and replica counts only)."""
+    from zpipe import security
     from zpipe.topology.yamlpos import parse
 
     with open(path, encoding="utf-8") as f:
         data = parse(f.read()).data
-    return [n for n in (data.get("nodes") or {})] if isinstance(data, dict) else []
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    if not isinstance(nodes, dict):
+        return []
+    out = list(nodes)
+    for name, spec in nodes.items():
+        replicas = spec.get("replicas", 1) if isinstance(spec, dict) else 1
+        if isinstance(replicas, int) and not isinstance(replicas, bool) and 1 <= replicas <= 4096:
+            out += [security.replica_identity(name, r) for r in range(replicas)]
+    return out
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("keys", help="make (for a topology's identities, or named ones) and list CURVE certificates")
     p.add_argument("directory", help="the key directory (made 0700 if absent)")
     p.add_argument("--topology", help="make a pair for each identity this topology needs: registry, runner, "
-                                      "operator and each node")
+                                      "operator, each node and each replica (NODE.R)")
     p.add_argument("--identity", action="append", metavar="NAME", help="make a pair for NAME too (repeatable)")
     p.add_argument("--force", action="store_true", help="replace existing pairs (every peer needs the new keys)")
     p.add_argument("--json", action="store_true")

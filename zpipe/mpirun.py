@@ -158,7 +158,7 @@ def _twin(topology: Topology, node: str, replica: int, registry: str) -> str | N
 
     try:
         kv = KVClient(registry, (roster.PREFIX,), name=f"{node}[{replica}]-start", connect_timeout=30.0,
-                      curve=security.client_for(topology, node)).start()
+                      curve=security.client_for(topology, node, replica)).start()
     except security.SecurityError as exc:
         return str(exc)
     except (TimeoutError, RuntimeError) as exc:

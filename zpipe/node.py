@@ -55,8 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     # Our own plugins are imported (and their params checked) here, before we register: a node
     # whose plugin cannot load never looks alive.
     topology = load_topology(args.topology, plugins_of=[args.node])
-    return run_replica(topology, args.node, args.replica, args.host, args.registry, args.output_dir,
-                       address=args.address)
+    from zpipe.security import SecurityError
+
+    try:
+        return run_replica(topology, args.node, args.replica, args.host, args.registry, args.output_dir,
+                           address=args.address)
+    except SecurityError as exc:  # a key this replica cannot use (missing, loose): one line, naming the file
+        print(f"{label}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _leave_overdue(rt, within: float) -> None:

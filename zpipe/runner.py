@@ -252,6 +252,17 @@ class Runner:
             return ""
         return "; only " + ", ".join(f"{n}[{','.join(map(str, rs))}]" for n, rs in self.selection.items())
 
+    def _check_secrets(self) -> None:
+        """Every secret this host's replicas will load, before anything starts: one missing or loose is one
+        line naming the file and the replica, not a traceback in a node's failure record."""
+        for name, numbers in self.selection.items():
+            for i in numbers:
+                for identity in security.secrets_needed(self.topology, name, i):
+                    try:
+                        security.load_secret(self.topology.security.keys, identity)
+                    except security.SecurityError as exc:
+                        raise RunError(f"{name}[{i}] cannot start: {exc}") from None
+
     def _not_running_yet(self) -> None:
         """Replicas started separately must have distinct numbers: refuse one that is alive in this pipeline
         already (another runner's), after waiting out the liveness key of one that just died."""
@@ -336,6 +347,7 @@ class Runner:
         t0 = time.monotonic()
         try:
             os.makedirs(self.output_dir, exist_ok=True)
+            self._check_secrets()
             registry = self._registry()
             try:
                 self.kv = KVClient(registry, name="runner", curve=security.client_for(

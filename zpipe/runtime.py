@@ -109,7 +109,7 @@ class NodeRuntime:
         from zpipe import security
 
         self.kv = KVClient(registry_address, subtrees, name=f"{node}[{replica}]",
-                           curve=security.client_for(topology, node)).start()
+                           curve=security.client_for(topology, node, replica)).start()
         self.registry = Registry(self.kv)
         self.roster = roster.Roster(self.kv)
         self.plan = scan_plan(topology)

@@ -6,8 +6,9 @@ socket is what it was (no CURVE, no ZAP, no check of writes).
 * Keys: `zpipe keys DIR` makes one CURVE certificate pair per identity, pyzmq's format:
   `NAME.key` (public, 0644) and `NAME.key_secret` (secret, 0600). Identities: `registry` (the
   registry server, and the runner and accountant in its process), `runner` (runners on other
-  hosts), `operator` (`zpipe status`, `zpipe acquire`), and one per topology node, shared by its
-  replicas. A secret key file that group or others may read is refused, naming the file.
+  hosts), `operator` (`zpipe status`, `zpipe acquire`), one per topology node (`NODE`: its data
+  sockets, shared by its replicas) and one per replica (`NODE.R`: what replica R writes to the
+  registry). A secret key file that group or others may read is refused, naming the file.
 * Authentication: every socket that binds under CURVE is a CURVE server whose ZAP handler
   (`Zap`, one per ZeroMQ context) accepts exactly the public keys of the key directory; the
   User-Id of an accepted peer is its identity's name. Under `allow` the handler accepts NULL
@@ -16,6 +17,9 @@ socket is what it was (no CURVE, no ZAP, no check of writes).
 * Authorisation: `Policy` says which keys each identity may write, from how zpipe writes them
   (a node replica: its own endpoint, liveness, status, count and result keys; scan records only
   by the roles that own them). The registry server applies it to every write (kv/server.py).
+  A replica with a key of its own (`NODE.R`) writes as it, and may write only replica R's keys;
+  the node's shared key then writes nothing. A key directory made before replica keys existed
+  (no `NODE.R`) keeps the node-wide rule: any replica of NODE may write any of NODE's keys.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ REGISTRY = "registry"  # the registry server; also the runner and accountant bes
 RUNNER = "runner"  # runners on other hosts
 OPERATOR = "operator"  # zpipe status, zpipe acquire
 SPECIAL = (REGISTRY, RUNNER, OPERATOR)
-IDENTITY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+IDENTITY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}(?:\.\d{1,4})?$")  # NODE, or NODE.R: replica R of NODE
 
 MODES = ("none", "allow", "curve")
 CURVE_DOMAIN = b"zpipe-curve"
@@ -187,9 +191,14 @@ def listing(directory: str) -> list[dict]:
     return rows
 
 
+def replica_identity(node: str, replica: int) -> str:
+    return f"{node}.{replica}"
+
+
 def identities(topology) -> list[str]:
-    """The identities a topology needs keys for."""
-    return [*SPECIAL, *topology.nodes]
+    """The identities a topology needs keys for: the special ones, each node's, each replica's."""
+    return [*SPECIAL, *topology.nodes,
+            *(replica_identity(n, r) for n, spec in topology.nodes.items() for r in range(spec.replicas))]
 
 
 # -- credentials ------------------------------------------------------------------------------
@@ -222,12 +231,40 @@ def credentials(directory: str, identity: str) -> Curve:
     return Curve(public, secret, load_public(directory, REGISTRY))
 
 
-def client_for(topology, identity: str) -> Curve | None:
-    """The credentials a client of this topology's registry uses, or None (no `security:`, or registry: none)."""
+def registry_identity(topology, identity: str, replica: int | None = None) -> str:
+    """Who `identity` (a node: replica `replica` of it) is to the registry: `NODE.R` if that replica has a key
+    of its own in the key directory (its public key, as the registry sees the directory: its secret must then
+    be here too), else `identity`."""
+    if replica is not None:
+        own = replica_identity(identity, replica)
+        if os.path.exists(os.path.join(topology.security.keys, own + PUBLIC_EXT)):
+            return own
+    return identity
+
+
+def client_for(topology, identity: str, replica: int | None = None) -> Curve | None:
+    """The credentials a client of this topology's registry uses, or None (no `security:`, or registry: none).
+    A node's replica passes its number: it uses its own key when it has one (`registry_identity`)."""
     sec = getattr(topology, "security", None)
     if sec is None or sec.registry != "curve":
         return None
-    return credentials(sec.keys, identity)
+    return credentials(sec.keys, registry_identity(topology, identity, replica))
+
+
+def secrets_needed(topology, node: str, replica: int) -> list[str]:
+    """The identities whose secret a replica of `node` must hold on its host: its registry identity (under
+    `registry: curve`) and its node's (when one of its data links is under CURVE)."""
+    sec = getattr(topology, "security", None)
+    if sec is None:
+        return []
+    needed = [registry_identity(topology, node, replica)] if sec.registry == "curve" else []
+    spec = topology.nodes[node]
+    links = [(node, s) for s, sock in spec.sockets.items() if sock.binds]
+    links += [tuple(sock.connect.split(".", 1)) for sock in spec.sockets.values() if not sock.binds]
+    links += [(node, base) for base in CONTROL_SOCKETS if spec.role == "nodegroup"]  # the results gather
+    if any(link_mode(topology, n, s) == "curve" for n, s in links if n in topology.nodes) and node not in needed:
+        needed.append(node)
+    return needed
 
 
 class LooseKey(SecurityError, RuntimeError):
@@ -246,13 +283,14 @@ def operator_curve(directory: str | None, identity: str = OPERATOR) -> Curve | N
 
 # -- authorisation ----------------------------------------------------------------------------
 
-# Keys every node replica writes, under its own node name and a replica number (see roster.py,
+# Keys every node replica writes, under its own node name and its replica number (see roster.py,
 # registry.py, status.py, flow.py, node.py, roles/stage.py, sessions.py).
 _OWN = ("endpoints", "nodes", "status", "flow", "totals", "failures", "results", "sessions")
-# Keys by role (scans/record.py, roles/producer, roles/nodegroup, preview.py, acquisitions.py).
+# Keys by role (scans/record.py, roles/producer, roles/nodegroup, preview.py, acquisitions.py); {replica}
+# is the writer's replica number where the key carries it.
 _BY_ROLE = {
-    "producer": (r"scans/\d+", r"scans/\d+/fallback/{node}/\d+/[^/]+", r"acquired/[^/]+"),
-    "nodegroup": (r"scans/\d+/part/\d+", r"scans/\d+/output/[^/]+", r"preview/\d+/[^/]+/\d+"),
+    "producer": (r"scans/\d+", r"scans/\d+/fallback/{node}/{replica}/[^/]+", r"acquired/[^/]+"),
+    "nodegroup": (r"scans/\d+/part/{replica}", r"scans/\d+/output/[^/]+", r"preview/\d+/[^/]+/{replica}"),
 }
 _SPECIAL_RULES = {
     REGISTRY: (r".*",),  # the server's process: pipeline id, scan records, reports (accountant)
@@ -268,14 +306,23 @@ class Policy:
         self.rules = rules
 
     @classmethod
-    def for_topology(cls, topology) -> "Policy":
+    def for_topology(cls, topology, known: Iterable[str] = ()) -> "Policy":
+        """`known`: the identities of the key directory. A node with replica keys among them (`NODE.R`)
+        writes through those, each its own replica's keys only; the node's shared key writes nothing."""
+        known = set(known)
         rules: dict[str, list[str]] = {k: list(v) for k, v in _SPECIAL_RULES.items()}
+
+        def own(n: str, replica: str, role: str) -> list[str]:
+            return [rf"(?:{'|'.join(_OWN)})/{n}/{replica}(?:/.*)?",
+                    *(r.format(node=n, replica=replica) for r in _BY_ROLE.get(role, ()))]
+
         for name, spec in topology.nodes.items():
             n = re.escape(name)
-            own = [rf"(?:{'|'.join(_OWN)})/{n}/\d+(?:/.*)?"]
-            own += [r.format(node=n) for r in _BY_ROLE.get(spec.role, ())]
-            rules.setdefault(name, []).extend(own)
-        return cls({k: re.compile("(?:" + "|".join(v) + r")\Z", re.DOTALL) for k, v in rules.items()})
+            mine = [k for k in known if k.startswith(name + ".") and k[len(name) + 1:].isdigit()]
+            for ident in mine:
+                rules[ident] = own(n, str(int(ident[len(name) + 1:])), spec.role)
+            rules[name] = [] if mine else own(n, r"\d+", spec.role)
+        return cls({k: re.compile("(?:" + "|".join(v) + r")\Z", re.DOTALL) for k, v in rules.items() if v})
 
     def allows(self, identity: str, key: str) -> bool:
         rule = self.rules.get(identity)
@@ -428,7 +475,8 @@ def server_auth(topology) -> ServerAuth | None:
     if sec is None or sec.registry != "curve":
         return None
     public, secret = load_secret(sec.keys, REGISTRY)
-    return ServerAuth(public, secret, public_keys(sec.keys), Policy.for_topology(topology))
+    keys = public_keys(sec.keys)
+    return ServerAuth(public, secret, keys, Policy.for_topology(topology, keys.values()))
 
 
 # -- the data plane ---------------------------------------------------------------------------
@@ -566,7 +614,8 @@ def check(report, top, nodes: dict, base_dir: str) -> None:
         report.add(("security", "keys"), f"key directory {directory!r} does not exist; make it with "
                    f"`zpipe keys {sec.keys} --topology FILE`")
         return
-    for n in [*SPECIAL, *nodes]:  # the secrets this host holds (another host may hold others)
+    replicas = [replica_identity(n, r) for n, spec in nodes.items() for r in range(spec.replicas)]
+    for n in [*SPECIAL, *nodes, *replicas]:  # the secrets this host holds (another host may hold others)
         path = os.path.join(directory, n + SECRET_EXT)
         if os.path.exists(path):
             try:

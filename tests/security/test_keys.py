@@ -23,7 +23,8 @@ def test_keys_for_a_topology_are_made_private_and_listed(tmp_path):
     d = tmp_path / "keys"
     r = zpipe("keys", str(d), "--topology", TOPOLOGY)
     assert r.returncode == 0, r.stderr
-    names = {"registry", "runner", "operator", "producer", "aggregator", "nodegroup"}
+    names = {"registry", "runner", "operator", "producer", "aggregator", "nodegroup", "producer.0", "producer.3",
+             "aggregator.0", "nodegroup.0", "nodegroup.1"}
     for n in names:
         assert stat.S_IMODE(os.stat(d / f"{n}.key_secret").st_mode) == 0o600
         assert stat.S_IMODE(os.stat(d / f"{n}.key").st_mode) == 0o644
@@ -40,6 +41,19 @@ def test_keys_for_a_topology_are_made_private_and_listed(tmp_path):
     # The secret never appears in the listing
     secret = security.load_secret(str(d), "registry")[1].decode()
     assert secret not in r.stdout
+
+
+def test_keys_for_a_secured_topology_whose_directory_is_not_made_yet(tmp_path):
+    topo = tmp_path / "secured.yaml"
+    with open(TOPOLOGY) as f:
+        topo.write_text(f.read() + "\nsecurity: {keys: keys, registry: curve}\n")
+    r = zpipe("keys", str(tmp_path / "keys"), "--topology", str(topo))
+    assert r.returncode == 0, r.stderr
+    made = {p.name for p in (tmp_path / "keys").iterdir()}
+    for n in ("registry", "nodegroup", "nodegroup.1", "producer.3", "aggregator.0"):
+        assert {f"{n}.key", f"{n}.key_secret"} <= made, n
+    assert "producer.4.key" not in made and "nodegroup.2.key" not in made
+    assert zpipe("validate", str(topo)).returncode == 0
 
 
 def test_a_loose_secret_is_refused_naming_the_file(tmp_path):
@@ -99,3 +113,22 @@ def test_policy_from_how_keys_are_written():
     for who, keys in bad.items():
         for k in keys:
             assert not pol.allows(who, k), (who, k)
+
+
+def test_a_missing_or_loose_secret_stops_zpipe_run_in_one_line_naming_it(tmp_path):
+    topo = tmp_path / "secured.yaml"
+    with open(TOPOLOGY) as f:
+        topo.write_text(f.read() + "\nsecurity: {keys: keys, registry: curve}\n")
+    assert zpipe("keys", str(tmp_path / "keys"), "--topology", str(topo)).returncode == 0
+    secret = tmp_path / "keys" / "nodegroup.1.key_secret"
+    os.chmod(secret, 0o644)
+    r = zpipe("validate", str(topo))
+    assert r.returncode != 0 and str(secret) in r.stdout + r.stderr and "0644" in r.stdout + r.stderr, r
+    r = zpipe("run", str(topo), "--output-dir", str(tmp_path / "out"), timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"{secret}: secret key file is accessible by group or others (mode 0644)" in r.stderr, r.stderr
+    assert "not started: 1 problem" in r.stderr  # refused as the topology is checked, before anything starts
+    os.remove(secret)  # gone: replica 1 does not fall back to the node's key (the registry would refuse it)
+    r = zpipe("run", str(topo), "--output-dir", str(tmp_path / "out"), timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"nodegroup[1] cannot start: {secret}: cannot read secret key file" in r.stderr, r.stderr

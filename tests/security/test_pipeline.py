@@ -128,18 +128,26 @@ def test_secured_pipeline_is_exact_under_attack(tmp_path):
             # 3. The producer's valid registry key, writing the node group's endpoint and deleting its liveness key
             forger = KVClient(registry, name="forger", curve=security.credentials(str(keys), "producer"),
                               connect_timeout=30).start()
+            # 4. Node group 1's own registry key (each replica has one), writing node group 0's endpoint
+            sibling = KVClient(registry, name="sibling", curve=security.credentials(str(keys), "nodegroup.1"),
+                               connect_timeout=30).start()
             try:
                 forger.set(target, {**eps[target], "address": "tcp://127.0.0.1:9"}, ttl=5)
                 forger.delete("nodes/nodegroup/1")
+                sibling.set(target, {**eps[target], "address": "tcp://127.0.0.1:9"}, ttl=5)
                 for s in socks:
                     forge(s)
                 # Counted, named, visible: the registry's count of refused writes, the node group's refusals
                 denied = viewer.wait(lambda items: (items.get("security/denied/producer") or {}).get("writes", 0) >= 2,
                                      prefix="security/", timeout=30)["security/denied/producer"]
                 assert denied["last_key"] in (target, "nodes/nodegroup/1")
+                denied = viewer.wait(lambda items: "security/denied/nodegroup.1" in items, prefix="security/",
+                                     timeout=30)["security/denied/nodegroup.1"]
+                assert denied["writes"] >= 1 and denied["last_key"] == target
                 assert viewer.get(target)["address"] == address  # the owner's key untouched
             finally:
                 forger.close(withdraw=False)
+                sibling.close(withdraw=False)
             # `zpipe status` with the operator's key shows them; without a key it gets no answer
             shown = subprocess.run([sys.executable, "-m", "zpipe", "status", "--registry", registry, "--keys",
                                     str(keys), "--json", "--sample", "0.2"], capture_output=True, text=True, timeout=60)
@@ -164,6 +172,9 @@ def test_secured_pipeline_is_exact_under_attack(tmp_path):
         assert report["expected"] == report["received"] == report["sent"] == 4096
         assert report["rejected"] == 0 and report["complete"] == 1024
         assert "refused a write of 'endpoints/nodegroup/0/data@0' by 'producer'" in text
+        assert "refused a write of 'endpoints/nodegroup/0/data@0' by 'nodegroup.1'" in text
+        # Every replica wrote under its own key (NODE.R) and the policy refused none of the pipeline's own writes
+        assert set(re.findall(r"refused a (?:write|delete) of '[^']*' by '([^']*)'", text)) == {"producer", "nodegroup.1"}
         for who in security.SPECIAL + ("producer", "aggregator", "nodegroup"):
             assert security.load_secret(str(keys), who)[1].decode() not in text
     finally:
@@ -209,3 +220,40 @@ def test_same_results_with_security_on(tmp_path):
     assert np.array_equal(pa, pb) and len(a) == len(b) == 1024
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert sum(len(x) for x in a) > 0
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
+def test_a_secured_mpi_run_counts_the_same_electrons(tmp_path):
+    """The node groups as MPI ranks (`mpiexec -n 2 zpipe run`, as in the paper) with the registry and every
+    data link under CURVE and a key per replica: the same electrons as an open run without MPI, nothing refused."""
+    import numpy as np
+
+    text = (TOPOLOGIES / "4dcamera-local.yaml").read_text().replace("scan_shape: [64, 64]", "scan_shape: [32, 32]")
+    plain, secured = tmp_path / "plain.yaml", tmp_path / "secured.yaml"
+    plain.write_text(text)
+    secured.write_text(text + "\nsecurity: {keys: keys, registry: curve, data: curve}\n")
+    r = subprocess.run([sys.executable, "-m", "zpipe", "keys", str(tmp_path / "keys"), "--topology", str(secured)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    results = {}
+    for path, launch in ((plain, []), (secured, [str(mpiexec), "-n", "2"])):
+        out = tmp_path / f"out-{path.stem}"
+        proc = subprocess.Popen([*launch, sys.executable, "-m", "zpipe", "run", str(path), "--output-dir", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            said, _ = proc.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        assert proc.returncode == 0, said[-3000:]
+        assert "refused" not in said and "restored" not in said, said[-3000:]
+        report = json.loads((out / "scan_1_report.json").read_text())
+        assert report["outcome"] == "complete" and report["received"] == report["expected"] == 4096, report
+        results[path.stem] = electrons(out)
+    assert list((tmp_path / "out-secured").glob("*-mpi2.yaml")), "the secured run did not run under MPI"
+    (a, pa), (b, pb) = results["plain"], results["secured"]
+    assert np.array_equal(pa, pb) and len(a) == len(b) == 1024
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and sum(len(x) for x in a) > 0

@@ -172,3 +172,61 @@ def test_a_client_with_a_wrong_server_key_gets_no_answer(secured, keys, tmp_path
     with pytest.raises(TimeoutError, match="CURVE"):
         KVClient(secured.address, name="stale", curve=security.credentials(other, "producer"),
                  connect_timeout=1.5).start()
+
+
+def test_a_replica_key_writes_only_its_own_replica(tmp_path):
+    """With a key per replica (what `zpipe keys --topology` makes), replica 1 of the node groups cannot write
+    replica 0's keys, and the node's shared key (every replica holds it, for the data plane) writes nothing."""
+    topo = load_topology(TOPOLOGY, plugins_of=())
+    keys = str(tmp_path / "keys")
+    security.create(keys, security.identities(topo))
+    assert {"nodegroup.0", "nodegroup.1", "producer.3"} <= set(security.public_keys(keys).values())
+    auth = security.server_auth(topo.model_copy(update={"security": security_spec(keys)}))
+    srv = KVServer("tcp://127.0.0.1:0", heartbeat=0.2, auth=auth).start()
+    ng0, ng1, shared, view = (client(srv, keys, who) for who in ("nodegroup.0", "nodegroup.1", "nodegroup", "operator"))
+    try:
+        ng0.set("status/nodegroup/0", {"state": "streaming"}, ttl=5)
+        ng0.set("scans/3/part/0", {"received": 10})
+        ng1.set("status/nodegroup/1", {"state": "streaming"}, ttl=5)
+        view.wait(lambda items: {"status/nodegroup/0", "scans/3/part/0", "status/nodegroup/1"} <= set(items))
+        ng1.set("status/nodegroup/0", {"state": "forged"}, ttl=5)
+        ng1.set("scans/3/part/0", {"received": 0})
+        ng1.delete("scans/3/part/0")
+        shared.set("status/nodegroup/1", {"state": "forged"}, ttl=5)
+        shared.set("scans/4/part/1", {"received": 0})
+        assert wait_for(lambda: (view.get("security/denied/nodegroup.1") or {}).get("writes", 0) >= 3)
+        assert wait_for(lambda: (view.get("security/denied/nodegroup") or {}).get("writes", 0) >= 2)
+        assert view.get("security/denied/nodegroup.1")["last_key"] in ("status/nodegroup/0", "scans/3/part/0")
+        time.sleep(0.5)
+        assert view.get("status/nodegroup/0") == {"state": "streaming"}
+        assert view.get("status/nodegroup/1") == {"state": "streaming"}
+        assert view.get("scans/3/part/0") == {"received": 10} and "scans/4/part/1" not in view.items()
+        assert "security/denied/nodegroup.0" not in view.items()
+    finally:
+        for c in (ng0, ng1, shared, view):
+            c.close()
+        srv.stop()
+
+
+def test_a_replica_uses_its_own_key_when_it_has_one(tmp_path):
+    topo = load_topology(TOPOLOGY, plugins_of=())
+    keys = str(tmp_path / "keys")
+    security.create(keys, [*security.SPECIAL, *topo.nodes, "nodegroup.1"])
+    secured = topo.model_copy(update={"security": security_spec(keys)})
+    assert security.registry_identity(secured, "nodegroup", 1) == "nodegroup.1"
+    assert security.registry_identity(secured, "nodegroup", 0) == "nodegroup"  # a key directory without it
+    assert security.client_for(secured, "nodegroup", 1).public == security.load_public(keys, "nodegroup.1")
+    # What its host must hold: its registry key, and the node's when one of its links is under CURVE (a node
+    # group's results gather follows the registry's mode; a producer's data links are `none` here)
+    assert security.secrets_needed(secured, "nodegroup", 1) == ["nodegroup.1", "nodegroup"]
+    assert security.secrets_needed(secured, "producer", 2) == ["producer"]  # no producer.2 key: the node's
+    curve = topo.model_copy(update={"security": security_spec(keys, data="curve")})
+    assert security.secrets_needed(curve, "producer", 2) == ["producer"]
+    plain = topo.model_copy(update={"security": security_spec(keys, registry="none", data="allow")})
+    assert security.secrets_needed(plain, "nodegroup", 1) == []
+
+
+def security_spec(keys, **kw):
+    from zpipe.topology.model import SecuritySpec
+
+    return SecuritySpec(keys=keys, **kw)
