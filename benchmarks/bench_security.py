@@ -18,12 +18,12 @@ GB/s: payload bytes / time, raw: first send to last receive; zpipe: the scan rep
 165,888 B / streaming_seconds (first message sent to last frame processed), as bench_transport.py.
 CPU per message: every process's user + system CPU (libzmq's threads included) / messages. zpipe's is
 read by each process as it exits (bench_transport.py's sitecustomize hook); so that start-up drops out,
-each zpipe variant also runs, in every repetition, with a scan twice as long, and its CPU per message is
-the median of (CPU at 2N - CPU at N) / N's messages, as bench_transport.py does with 4N.
+each zpipe variant also runs, in every repetition, with a scan LONG (4) times as long, and its CPU per
+message is the median of (CPU at 4N - CPU at N) / 3N's messages, as bench_transport.py does.
 
 The control plane's cost, in CPU: the same hook records the CPU of every thread by name, libzmq's
 included (the registry's contexts name theirs "1/ZMQbg/..." and "2/ZMQbg/..."). The control plane's
-threads' CPU with CURVE minus without, paired run by run, as a share of the pipeline's CPU: on two busy
+threads' CPU with CURVE minus without, paired run by run (both lengths), as a share of the pipeline's CPU: on two busy
 cores a share of CPU is a share of throughput, and it is steady where GB/s is not. The results gather
 shares the data context's threads and is not in it: one message per node group per scan.
 
@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_transport as bt  # noqa: E402  (its zpipe runner, topology writer and process hook)
 
 SECTORS, PAYLOAD_BYTES, FIRST_FRAME, NODE_GROUPS = bt.SECTORS, bt.PAYLOAD_BYTES, bt.FIRST_FRAME, bt.NODE_GROUPS
+LONG = 4  # the longer scan of each repetition, x frames: CPU per message without start-up
 
 
 # -- raw pyzmq, with or without CURVE ----------------------------------------------------------------
@@ -233,23 +234,28 @@ def control_cpu(run: dict) -> float:
     return total
 
 
-def print_control_plane(runs: dict[str, list[dict]]) -> None:
+def print_control_plane(runs: dict[str, list[dict]], longer: dict[str, list[dict]], frames: int) -> None:
     """The control plane's CURVE, in CPU: on a CPU-bound machine a CPU share is a throughput share, and unlike
-    GB/s (which swings by 10 % between identical runs here) CPU by thread is steady enough to show 2 %."""
-    none, curve = runs["zpipe, no security"], runs["zpipe, registry curve"]
-    pairs = [(control_cpu(a), control_cpu(b), zpipe_cpu(b)) for a, b in zip(none, curve)]
-    pairs = [p for p in pairs if not any(math.isnan(v) for v in p)]
-    if not pairs:
+    GB/s (which swings by 10 % between identical runs here) CPU by thread is steady enough to show 2 %.
+    Pairs: each repetition's runs without and with it, at both lengths (N, then LONG x N)."""
+    pairs = {}  # frames -> [(control CPU none, control CPU curve, the curve run's whole CPU)]
+    for n, group in ((frames, runs), (LONG * frames, longer)):
+        got = [(control_cpu(a), control_cpu(b), zpipe_cpu(b))
+               for a, b in zip(group["zpipe, no security"], group["zpipe, registry curve"])]
+        pairs[n] = [p for p in got if not any(math.isnan(v) for v in p)]
+    every = [p for ps in pairs.values() for p in ps]
+    if not every:
         print("control plane under CURVE, in CPU: not measured (no pair of runs reported its processes)")
         return
-    extra = [b - a for a, b, _ in pairs]
-    share = [100 * (b - a) / total for a, b, total in pairs]
+    share = {n: [100 * (b - a) / total for a, b, total in ps] for n, ps in pairs.items()}
+    median = bt.med(v for vs in share.values() for v in vs)
     print(f"control plane under CURVE, in CPU (registry clients and server, their libzmq threads, ZAP, status, "
-          f"accountant): none {1e3 * bt.med(a for a, _, _ in pairs):.0f} ms, curve "
-          f"{1e3 * bt.med(b for _, b, _ in pairs):.0f} ms of the pipeline's {bt.med(t for *_, t in pairs):.1f} s; "
-          f"CURVE adds {1e3 * bt.med(extra):+.0f} ms = {bt.med(share):+.2f} % of the pipeline's CPU (runs "
-          f"{', '.join(f'{v:+.2f}' for v in share)} %): "
-          f"{'within' if bt.med(share) <= 2 else 'ABOVE'} the issue's 2 % of throughput on these busy cores")
+          f"accountant): none {1e3 * bt.med(a for a, _, _ in every):.0f} ms, curve "
+          f"{1e3 * bt.med(b for _, b, _ in every):.0f} ms of the pipeline's {bt.med(t for *_, t in every):.1f} s "
+          f"(medians over both lengths); CURVE adds {1e3 * bt.med(b - a for a, b, _ in every):+.0f} ms = "
+          f"{median:+.2f} % of the pipeline's CPU, largest {max(v for vs in share.values() for v in vs):+.2f} % ("
+          + "; ".join(f"{n:,} frames: {', '.join(f'{v:+.2f}' for v in vs)} %" for n, vs in share.items())
+          + f"): {'within' if median <= 2 else 'ABOVE'} the issue's 2 % of throughput on these busy cores")
 
 
 def main() -> int:
@@ -279,8 +285,9 @@ def main() -> int:
     problems = []
     try:
         topos = topologies(frames, work)
-        double = topologies(2 * frames, work / "2N")
+        long = topologies(LONG * frames, work / "long")
         per_msg: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        longer: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for rep in range(args.repeat):
             line = []
             for name, curve in (("raw relay chain", False), ("raw relay chain, CURVE", True)):
@@ -291,11 +298,12 @@ def main() -> int:
                 z = bt.run_zpipe(topo, work / f"run-{len(line)}", hook)
                 runs[name].append(z)
                 line.append(f"{name} {z['gbps']:.2f} GB/s")
-                z2 = bt.run_zpipe(double[name], work / "run-2N", hook)  # CPU per message without start-up
-                if not z2["ok"]:
-                    problems.append(f"{name} {2 * frames:,}-frame run {rep + 1}: expected {z2['expected']:,}, "
-                                    f"received {z2['received']:,}")
-                per_msg[name].append(1e6 * (zpipe_cpu(z2) - zpipe_cpu(z)) / messages)
+                z4 = bt.run_zpipe(long[name], work / "run-long", hook)  # CPU per message without start-up
+                longer[name].append(z4)
+                if not z4["ok"]:
+                    problems.append(f"{name} {LONG * frames:,}-frame run {rep + 1}: expected {z4['expected']:,}, "
+                                    f"received {z4['received']:,}")
+                per_msg[name].append(1e6 * (zpipe_cpu(z4) - zpipe_cpu(z)) / ((LONG - 1) * messages))
             for name, rs in runs.items():
                 if not rs[-1]["ok"]:
                     problems.append(f"{name} run {rep + 1}: expected {rs[-1]['expected']:,}, received "
@@ -317,13 +325,13 @@ def main() -> int:
         control = 100 * (plain - gbps["zpipe, registry curve"]) / plain
         print(f"\ncontrol plane under CURVE, in throughput: {control:+.1f} % vs none (medians; runs swing by about "
               f"10 %, so this figure alone cannot show 2 %)")
-        print_control_plane(runs)
+        print_control_plane(runs, longer, frames)
         print(f"data links under CURVE: {gbps['zpipe, data curve']:.2f} GB/s, "
               f"{gbps['zpipe, data curve'] / plain:.2f} x none; raw pyzmq's own CURVE: "
               f"{gbps['raw relay chain, CURVE'] / raw:.2f} x raw; allow-list: {gbps['zpipe, data allow'] / plain:.2f} x none")
-        print(f"CPU us/msg: every process, user + system, / messages (zpipe: CPU of a {2 * frames:,}-frame scan minus "
-              f"the median of the {frames:,}-frame ones, / {messages:,}: start-up drops out); + vs none: minus the "
-              f"same-kind pipeline without security.")
+        print(f"CPU us/msg: every process, user + system, / messages (zpipe: CPU of a {LONG * frames:,}-frame scan minus "
+              f"that of the {frames:,}-frame one of the same repetition, / {(LONG - 1) * messages:,}: start-up drops "
+              f"out; medians); + vs none: minus the same-kind pipeline without security.")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if problems:
