@@ -10,6 +10,7 @@ refused and counted (the registry's security/ keys, the nodes' `refused`), and t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -40,15 +41,17 @@ try:
         deadline = time.monotonic() + 30
         def seen():
             d = c.get("security/denied/producer") or {}
+            r = c.get("security/denied/producer.2") or {}
             h = c.get("security/handshakes") or {}
             ng = c.get("status/nodegroup/0") or {}
             agg = c.get("status/aggregator/0") or {}
-            return {"denied": d, "handshakes": h, "ng_refused": ng.get("refused", 0),
+            return {"denied": d, "denied_replica": r, "handshakes": h, "ng_refused": ng.get("refused", 0),
                     "agg_refused": agg.get("refused", 0), "ng_endpoint": c.get("endpoints/nodegroup/0/data@0"),
                     "nodes_ng1": c.get("nodes/nodegroup/1") is not None,
                     "warnings": (ng.get("warnings") or []) + (agg.get("warnings") or [])}
         s = seen()
-        while time.monotonic() < deadline and not (s["denied"].get("writes", 0) >= 2 and s["handshakes"].get(
+        while time.monotonic() < deadline and not (s["denied"].get("writes", 0) >= 2 and s["denied_replica"].get(
+                "writes", 0) >= 2 and s["handshakes"].get(
                 "rejected", 0) >= 2 and s["ng_refused"] >= 3 and s["agg_refused"] >= 2):
             time.sleep(0.2)
             s = seen()
@@ -91,6 +94,11 @@ c.set("endpoints/nodegroup/0/data@0", {"node": "nodegroup", "replica": 0, "socke
                                        "address": "tcp://10.0.0.66:5555", "host": "outsider", "pid": 1}, ttl=5)
 c.delete("nodes/nodegroup/1")
 out["stolen_key_reads"] = len(c.items()) > 0
+# The stolen key of producer replica 2: its own keys only, not replica 1's nor a node group's
+r2 = KVClient(registry, name="thief-2", curve=security.credentials(stolen, "producer.2"), connect_timeout=30).start()
+r2.set("status/producer/1", {"state": "forged"}, ttl=5)
+r2.set("endpoints/nodegroup/0/data@0", {"node": "nodegroup", "replica": 0, "socket": "data@0",
+                                        "address": "tcp://10.0.0.66:5555", "host": "outsider", "pid": 1}, ttl=5)
 
 def push(address, curve=None, server=None):
     s = ctx.socket(zmq.PUSH); s.linger = 0
@@ -113,6 +121,7 @@ time.sleep(4)  # reconnect attempts: each one refused and counted
 for s, _ in socks:
     s.close(0)
 c.close(withdraw=False)
+r2.close(withdraw=False)
 print(json.dumps(out))
 '''
 
@@ -157,7 +166,8 @@ def test_outsider_host_and_stolen_key(tmp_path, net):
     # What the outsider holds: the public keys anyone may see, and the producers' stolen key pair.
     stolen = tmp_path / "stolen"
     stolen.mkdir(mode=0o700)
-    for f in ("registry.key", "nodegroup.key", "producer.key", "producer.key_secret"):
+    for f in ("registry.key", "nodegroup.key", "producer.key", "producer.key_secret", "producer.2.key",
+              "producer.2.key_secret"):
         shutil.copy2(tmp_path / "keys" / f, stolen / f)
     (tmp_path / "probe.py").write_text(PROBE)
     (tmp_path / "attack.py").write_text(ATTACK)
@@ -188,6 +198,8 @@ def test_outsider_host_and_stolen_key(tmp_path, net):
         seen = json.loads(res.stdout)
         print("registry and nodes:", {k: v for k, v in seen.items() if k != "warnings"})
         assert seen["denied"]["writes"] >= 2, seen
+        assert seen["denied_replica"]["writes"] >= 2, seen
+        assert seen["denied_replica"]["last_key"] in ("status/producer/1", "endpoints/nodegroup/0/data@0"), seen
         assert seen["ng_endpoint"]["address"] == eps["endpoints/nodegroup/0/data@0"]  # untouched
         assert seen["nodes_ng1"]  # not deleted
         assert seen["handshakes"]["rejected"] >= 2, seen
@@ -208,3 +220,6 @@ def test_outsider_host_and_stolen_key(tmp_path, net):
     assert report["expected"] == report["received"] == report["sent"] == 48 * 48 * 4
     assert report["rejected"] == 0
     assert f"by 'producer'" in daq and "refused a delete of 'nodes/nodegroup/1'" in daq
+    assert "refused a write of 'status/producer/1' by 'producer.2'" in daq
+    # Every other write was its writer's: only the thieves' keys were refused
+    assert set(re.findall(r"refused a (?:write|delete) of '[^']*' by '([^']*)'", daq)) == {"producer", "producer.2"}
