@@ -310,18 +310,19 @@ def main() -> int:
                                     f"{rs[-1]['received']:,}")
             print(f"  run {rep + 1}: " + "; ".join(line), flush=True)
         gbps = {n: bt.med(r["gbps"] for r in rs) for n, rs in runs.items()}
-        cpu = {n: bt.med(r["cpu_us"] for r in rs) for n, rs in runs.items() if not n.startswith("zpipe")}
-        cpu.update({name: bt.med(v) for name, v in per_msg.items()})
+        cpu_runs = {n: [r["cpu_us"] for r in rs] for n, rs in runs.items() if not n.startswith("zpipe")}
+        cpu_runs.update(per_msg)
+        cpu = {n: bt.med(v) for n, v in cpu_runs.items()}
         raw, plain = gbps["raw relay chain"], gbps["zpipe, no security"]
         print(f"\n{'pipeline':24s} {'GB/s':>6s} {'range':>11s} {'x raw':>6s} {'x zpipe none':>12s} "
-              f"{'CPU us/msg':>10s} {'+ vs none':>9s}")
+              f"{'CPU us/msg':>10s} {'range':>11s} {'+ vs none':>9s}")
         for name, rs in runs.items():
             g = [r["gbps"] for r in rs]
             zp = name.startswith("zpipe")
             rel = f"{gbps[name] / plain:12.2f}" if zp else f"{'':12s}"
             ref = cpu["zpipe, no security"] if zp else cpu["raw relay chain"]
             print(f"{name:24s} {gbps[name]:6.2f} {min(g):5.2f}-{max(g):<5.2f} {gbps[name] / raw:6.2f} {rel} "
-                  f"{cpu[name]:10.1f} {cpu[name] - ref:+9.1f}")
+                  f"{cpu[name]:10.1f} {min(cpu_runs[name]):5.0f}-{max(cpu_runs[name]):<5.0f} {cpu[name] - ref:+9.1f}")
         control = 100 * (plain - gbps["zpipe, registry curve"]) / plain
         print(f"\ncontrol plane under CURVE, in throughput: {control:+.1f} % vs none (medians; runs swing by about "
               f"10 %, so this figure alone cannot show 2 %)")
@@ -331,7 +332,9 @@ def main() -> int:
               f"{gbps['raw relay chain, CURVE'] / raw:.2f} x raw; allow-list: {gbps['zpipe, data allow'] / plain:.2f} x none")
         print(f"CPU us/msg: every process, user + system, / messages (zpipe: CPU of a {LONG * frames:,}-frame scan minus "
               f"that of the {frames:,}-frame one of the same repetition, / {(LONG - 1) * messages:,}: start-up drops "
-              f"out; medians); + vs none: minus the same-kind pipeline without security.")
+              f"out; medians, and the range of the runs: the whole pipeline's CPU per message moves with the load's batching "
+              f"by more than the control plane's share, which its own line above measures); + vs none: minus the same-kind "
+              f"pipeline without security.")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if problems:

@@ -609,6 +609,11 @@ def check(report, top, nodes: dict, base_dir: str) -> None:
         elif not spec.sockets[sock].binds:
             report.add(("security", "links", link), f"{link!r} connects; name the socket that binds "
                        f"({spec.sockets[sock].connect}): a link's mode is set where it binds", at_key=True)
+    if sec.registry == "curve" and top.registry.address:
+        report.add(("security", "registry"), f"`registry: curve` needs the pipeline's own registry, but "
+                   f"`registry.address` names an external one ({top.registry.address}) that cannot check its "
+                   f"writers' keys; place the registry on a host (`registry: {{host: H, port: P}}`), or say "
+                   f"`registry: none` here to leave the registry open")
     directory = sec.keys if os.path.isabs(sec.keys) else os.path.join(base_dir, sec.keys)
     if not os.path.isdir(directory):
         report.add(("security", "keys"), f"key directory {directory!r} does not exist; make it with "

@@ -132,3 +132,18 @@ def test_a_missing_or_loose_secret_stops_zpipe_run_in_one_line_naming_it(tmp_pat
     r = zpipe("run", str(topo), "--output-dir", str(tmp_path / "out"), timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert f"nodegroup[1] cannot start: {secret}: cannot read secret key file" in r.stderr, r.stderr
+
+
+def test_a_secured_registry_cannot_be_an_external_one(tmp_path):
+    security.create(str(tmp_path / "keys"), ["registry", "runner", "operator", "producer", "aggregator", "nodegroup"])
+    topo = tmp_path / "external.yaml"
+    with open(TOPOLOGY) as f:
+        text = f.read()
+    topo.write_text(text.replace("\nnodes:\n", "\nregistry: {address: 'tcp://127.0.0.1:5999'}\nnodes:\n", 1)
+                    + "\nsecurity: {keys: keys, registry: curve}\n")
+    r = zpipe("validate", str(topo))
+    said = r.stdout + r.stderr
+    assert r.returncode != 0 and "security.registry" in said and "external" in said and "Traceback" not in said, said
+    topo.write_text(topo.read_text().replace("registry: curve}", "registry: none}"))
+    r = zpipe("validate", str(topo))
+    assert r.returncode == 0, r.stdout + r.stderr
