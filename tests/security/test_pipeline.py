@@ -159,6 +159,12 @@ def test_secured_pipeline_is_exact_under_attack(tmp_path):
             st = viewer.wait(lambda items: (items.get("status/nodegroup/0") or {}).get("refused", 0) >= 2,
                              prefix="status/", timeout=30)["status/nodegroup/0"]
             assert any("refused a connection" in w for w in st["warnings"]), st["warnings"]
+            table = subprocess.run([sys.executable, "-m", "zpipe", "status", "--registry", registry, "--keys",
+                                    str(keys), "--once", "--sample", "0.2"], capture_output=True, text=True, timeout=60)
+            assert table.returncode == 0, table.stderr
+            line = next(x for x in table.stdout.splitlines() if x.startswith("security: "))
+            assert re.search(r"writes refused: nodegroup\.1 \d+, producer \d+", line), line
+            assert re.search(r"connections refused at data sockets: .*nodegroup\[0\] \d+", line), line
             for s in socks:
                 s.close(0)
         finally:
