@@ -75,12 +75,13 @@ class Registry:
         return _select(self.kv.items(f"{self.PREFIX}{node}/"), node, socket)
 
     def resolve(
-        self, node: str, socket: str, *, replicas: int = 1, timeout: float = 10.0
+        self, node: str, socket: str, *, replicas: int = 1, timeout: float = 10.0,
+        stop: threading.Event | None = None,
     ) -> list[Endpoint]:
         """Wait until replicas 0..replicas-1 of ``node.socket`` are registered.
 
         Returns every registered replica (there may be more). Raises LookupError
-        naming what is missing and what is there instead.
+        naming what is missing and what is there instead; InterruptedError once ``stop`` is set.
         """
         wanted = set(range(replicas))
 
@@ -88,7 +89,7 @@ class Registry:
             return wanted <= {e.replica for e in _select(items, node, socket)}
 
         try:
-            items = self.kv.wait(complete, prefix=f"{self.PREFIX}{node}/", timeout=timeout)
+            items = self.kv.wait(complete, prefix=f"{self.PREFIX}{node}/", timeout=timeout, stop=stop)
         except TimeoutError:
             raise LookupError(self._missing(node, socket, replicas, timeout)) from None
         return _select(items, node, socket)

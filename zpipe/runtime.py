@@ -150,7 +150,7 @@ class NodeRuntime:
         else:
             peer_node, _, peer_sock = spec.connect.partition(".")
             self.plane.secure(sock, peer_node, peer_sock, False)
-            self.registry.resolve(peer_node, peer_sock, timeout=self.resolve_timeout)
+            self.registry.resolve(peer_node, peer_sock, timeout=self.resolve_timeout, stop=self.stop)
             link.follower = self.registry.follow(peer_node, peer_sock)
             link.refresh()
         self.links[sname] = link

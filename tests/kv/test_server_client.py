@@ -201,6 +201,20 @@ def test_wait_times_out(connect):
 
 
 @pytest.mark.timeout(20)
+def test_a_wait_ends_when_it_is_told_to_stop(connect):
+    """A replica stopped (SIGTERM) while it waits for a peer's endpoint stops then, not at the wait's timeout."""
+    import threading
+
+    client = connect()
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(InterruptedError, match="stopped while waiting"):
+        client.wait(has("x/never"), prefix="x/", timeout=30, stop=stop)
+    assert 0.25 < time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.timeout(20)
 def test_start_times_out_naming_the_address():
     with socket.socket() as s:  # a port where nothing listens
         s.bind(("127.0.0.1", 0))

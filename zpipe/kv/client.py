@@ -193,10 +193,15 @@ class KVClient:
             return dict(self._state)
         return {k: v for k, v in self._state.items() if k.startswith(prefix)}
 
+    STOP_CHECK = 0.1  # s between looks at a wait's `stop` event
+
     def wait(
-        self, predicate: Callable[[dict], bool], prefix: str = "", timeout: float = 10.0
+        self, predicate: Callable[[dict], bool], prefix: str = "", timeout: float = 10.0,
+        stop: threading.Event | None = None,
     ) -> dict:
-        """Block until ``predicate(items(prefix))`` holds; return those items."""
+        """Block until ``predicate(items(prefix))`` holds; return those items. TimeoutError after
+        ``timeout``; InterruptedError as soon as ``stop`` (if given) is set: a replica asked to stop
+        while it waits for a peer stops then, not at the end of the timeout."""
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
@@ -205,13 +210,15 @@ class KVClient:
                 return view
             with self._cond:
                 while self._version == version:
+                    if stop is not None and stop.is_set():
+                        raise InterruptedError(f"stopped while waiting on the registry (prefix {prefix!r})")
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise TimeoutError(
                             f"KV condition not met within {timeout:g} s "
                             f"(server {self.address}, prefix {prefix!r}, {len(view)} keys)"
                         )
-                    self._cond.wait(remaining)
+                    self._cond.wait(remaining if stop is None else min(remaining, self.STOP_CHECK))
 
     def on_change(self, callback: Callable[[str, Any], None]) -> None:
         """Call ``callback(key, value)`` from the agent thread on every change;
