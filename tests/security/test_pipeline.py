@@ -196,6 +196,7 @@ def electrons(out: Path):
         return [np.asarray(x) for x in frames], f["electron_events/scan_positions"][()]
 
 
+@pytest.mark.slow  # the default run has the MPI one below: secured electrons == open ones, counted in full
 @pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
 def test_same_results_with_security_on(tmp_path):
     """The README's main job (electron counting; a 32x32 scan to keep it short), once without security and once

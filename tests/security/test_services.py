@@ -23,6 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 25 s; the default run has sessions (tests/test_sessions.py) and a secured pipeline
 @pytest.mark.timeout(300)
 def test_secured_services_serve_a_session_and_refuse_an_operator_without_the_key(tmp_path):
     port = free_port()
