@@ -196,13 +196,9 @@ def electrons(out: Path):
         return [np.asarray(x) for x in frames], f["electron_events/scan_positions"][()]
 
 
-@pytest.mark.slow  # the default run has the MPI one below: secured electrons == open ones, counted in full
-@pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
-def test_same_results_with_security_on(tmp_path):
-    """The README's main job (electron counting; a 32x32 scan to keep it short), once without security and once
-    with the registry and every data link under CURVE: the same electrons at the same positions."""
-    import numpy as np
-
+def open_and_secured(tmp_path) -> tuple[Path, Path]:
+    """The README's main job (electron counting; a 32x32 scan to keep it short), open and with the registry and
+    every data link under CURVE (keys made, one per replica)."""
     text = (TOPOLOGIES / "4dcamera-local.yaml").read_text().replace("scan_shape: [64, 64]", "scan_shape: [32, 32]")
     plain, secured = tmp_path / "plain.yaml", tmp_path / "secured.yaml"
     plain.write_text(text)
@@ -210,23 +206,42 @@ def test_same_results_with_security_on(tmp_path):
     r = subprocess.run([sys.executable, "-m", "zpipe", "keys", str(tmp_path / "keys"), "--topology", str(secured)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    results = {}
-    for path in (plain, secured):
-        out = tmp_path / f"out-{path.stem}"
-        run = Run(str(path), out)
-        try:
-            assert run.wait() == 0, run.text()[-3000:]
-            # Every write zpipe itself makes is one its writer may make: nothing refused, nothing restored
-            assert "refused" not in run.text() and "restored" not in run.text(), run.text()[-3000:]
-        finally:
-            run.kill()
-        report = json.loads((out / "scan_1_report.json").read_text())
-        assert report["outcome"] == "complete" and report["received"] == report["expected"] == 4096, report
-        results[path.stem] = electrons(out)
-    (a, pa), (b, pb) = results["plain"], results["secured"]
-    assert np.array_equal(pa, pb) and len(a) == len(b) == 1024
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert sum(len(x) for x in a) > 0
+    return plain, secured
+
+
+def counted(tmp_path, path: Path, launch=()):
+    """`[launch] zpipe run path` to its end: the scan exact, none of zpipe's own writes refused; its electrons."""
+    out = tmp_path / f"out-{path.stem}"
+    proc = subprocess.Popen([*launch, sys.executable, "-m", "zpipe", "run", str(path), "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        said, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, said[-3000:]
+    # Every write zpipe itself makes is one its writer may make: nothing refused, nothing restored
+    assert "refused" not in said and "restored" not in said, said[-3000:]
+    report = json.loads((out / "scan_1_report.json").read_text())
+    assert report["outcome"] == "complete" and report["received"] == report["expected"] == 4096, report
+    return electrons(out)
+
+
+def assert_same_electrons(a, b) -> None:
+    import numpy as np
+
+    (fa, pa), (fb, pb) = a, b
+    assert np.array_equal(pa, pb) and len(fa) == len(fb) == 1024
+    assert all(np.array_equal(x, y) for x, y in zip(fa, fb)) and sum(len(x) for x in fa) > 0
+
+
+@pytest.mark.slow  # the default run has the MPI one below: secured electrons == open ones, counted in full
+@pytest.mark.timeout(2 * RUN_TIMEOUT + 60)
+def test_same_results_with_security_on(tmp_path):
+    """Open and secured: the same electrons at the same positions."""
+    plain, secured = open_and_secured(tmp_path)
+    assert_same_electrons(counted(tmp_path, plain), counted(tmp_path, secured))
 
 
 @pytest.mark.mpi
@@ -234,33 +249,7 @@ def test_same_results_with_security_on(tmp_path):
 def test_a_secured_mpi_run_counts_the_same_electrons(tmp_path):
     """The node groups as MPI ranks (`mpiexec -n 2 zpipe run`, as in the paper) with the registry and every
     data link under CURVE and a key per replica: the same electrons as an open run without MPI, nothing refused."""
-    import numpy as np
-
-    text = (TOPOLOGIES / "4dcamera-local.yaml").read_text().replace("scan_shape: [64, 64]", "scan_shape: [32, 32]")
-    plain, secured = tmp_path / "plain.yaml", tmp_path / "secured.yaml"
-    plain.write_text(text)
-    secured.write_text(text + "\nsecurity: {keys: keys, registry: curve, data: curve}\n")
-    r = subprocess.run([sys.executable, "-m", "zpipe", "keys", str(tmp_path / "keys"), "--topology", str(secured)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    mpiexec = Path(sys.executable).with_name("mpiexec")
-    results = {}
-    for path, launch in ((plain, []), (secured, [str(mpiexec), "-n", "2"])):
-        out = tmp_path / f"out-{path.stem}"
-        proc = subprocess.Popen([*launch, sys.executable, "-m", "zpipe", "run", str(path), "--output-dir", str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            said, _ = proc.communicate(timeout=RUN_TIMEOUT)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        assert proc.returncode == 0, said[-3000:]
-        assert "refused" not in said and "restored" not in said, said[-3000:]
-        report = json.loads((out / "scan_1_report.json").read_text())
-        assert report["outcome"] == "complete" and report["received"] == report["expected"] == 4096, report
-        results[path.stem] = electrons(out)
+    plain, secured = open_and_secured(tmp_path)
+    mpi = counted(tmp_path, secured, launch=(str(Path(sys.executable).with_name("mpiexec")), "-n", "2"))
     assert list((tmp_path / "out-secured").glob("*-mpi2.yaml")), "the secured run did not run under MPI"
-    (a, pa), (b, pb) = results["plain"], results["secured"]
-    assert np.array_equal(pa, pb) and len(a) == len(b) == 1024
-    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and sum(len(x) for x in a) > 0
+    assert_same_electrons(counted(tmp_path, plain), mpi)
