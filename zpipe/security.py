@@ -321,7 +321,7 @@ class Policy:
             mine = [k for k in known if k.startswith(name + ".") and k[len(name) + 1:].isdigit()]
             for ident in mine:
                 rules[ident] = own(n, str(int(ident[len(name) + 1:])), spec.role)
-            rules[name] = [] if mine else own(n, r"\d+", spec.role)
+            rules[name] = rules.get(name, []) + ([] if mine else own(n, r"\d+", spec.role))
         return cls({k: re.compile("(?:" + "|".join(v) + r")\Z", re.DOTALL) for k, v in rules.items() if v})
 
     def allows(self, identity: str, key: str) -> bool:
