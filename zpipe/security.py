@@ -600,6 +600,10 @@ def check(report, top, nodes: dict, base_dir: str) -> None:
     sec = getattr(top, "security", None)
     if sec is None:
         return
+    for name in nodes:
+        if name in SPECIAL:  # its key would be that identity's: a node named `registry` could write anything
+            report.add(("nodes", name), f"node {name!r} has the name of one of security's own identities "
+                       f"({', '.join(SPECIAL)}); rename it", at_key=True)
     for link in sec.links:
         node, _, sock = link.partition(".")
         spec = nodes.get(node)

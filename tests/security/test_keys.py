@@ -147,3 +147,21 @@ def test_a_secured_registry_cannot_be_an_external_one(tmp_path):
     topo.write_text(topo.read_text().replace("registry: curve}", "registry: none}"))
     r = zpipe("validate", str(topo))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_node_cannot_take_a_special_identity_name(tmp_path):
+    security.create(str(tmp_path / "keys"), ["registry", "runner", "operator", "aggregator", "nodegroup"])
+    topo = tmp_path / "t.yaml"
+    with open(TOPOLOGY) as f:
+        text = f.read()
+    assert "\n  aggregator:\n" in text and "connect: aggregator." in text
+    topo.write_text(text.replace("\n  aggregator:\n", "\n  registry:\n").replace("connect: aggregator.",
+                                                                                "connect: registry.")
+                    + "\nsecurity: {keys: keys, registry: curve}\n")
+    r = zpipe("validate", str(topo))
+    said = r.stdout + r.stderr
+    assert r.returncode != 0 and "node 'registry' has the name of one of security's own identities" in said, said
+    open_topo = tmp_path / "open.yaml"  # without security: no keys, no clash
+    open_topo.write_text(topo.read_text().replace("\nsecurity: {keys: keys, registry: curve}\n", ""))
+    assert zpipe("validate", str(open_topo)).returncode == 0
+    assert "Traceback" not in said
