@@ -29,15 +29,15 @@ def run(args) -> int:
             time.sleep(args.sample)  # the second snapshot: rates need two publications of each replica
             picture = tracker.picture()
             refused = kv.items("security/")  # a secured pipeline's counts of refused handshakes and writes
-            statuses = kv.items("status/")
             if args.json:
                 print(json.dumps(plain({"registry": args.registry, **to_json(picture),
                                         **({"security": refused} if refused else {})}), indent=1, default=str))
             else:
                 console = Console()
                 console.print(render(picture, f"registry {args.registry}", console.width))
-                if refused or any(isinstance(v, dict) and v.get("refused") for v in statuses.values()):
-                    console.print(security_line(refused, statuses), highlight=False, soft_wrap=True)  # one line
+                line = security_line(refused, picture.rows)
+                if line:
+                    console.print(line, highlight=False, soft_wrap=True)  # one line, however wide
             return 0
         console = Console()
         display = Display(tracker, console, f"registry {args.registry}").start()
@@ -52,20 +52,20 @@ def run(args) -> int:
         kv.close()
 
 
-def security_line(items: dict, statuses: dict | None = None) -> str:
+def security_line(items: dict, rows=()) -> str | None:
     """One line of a secured pipeline's refusals: handshakes at the registry, writes by identity, and
-    connections each replica's data sockets refused (its status's `refused`)."""
+    connections each replica's data sockets refused (its status's `refused`, from the picture's rows);
+    None when there is nothing of the kind."""
+    data = {r.label: r.snapshot["refused"] for r in rows
+            if isinstance(r.snapshot.get("refused"), int) and r.snapshot["refused"] > 0}
+    if not items and not data:
+        return None
     hs = items.get("security/handshakes") or {}
     denied = {k.rsplit("/", 1)[-1]: v.get("writes", 0) for k, v in items.items()
               if k.startswith("security/denied/") and isinstance(v, dict)}
     parts = [f"{hs.get('rejected', 0) if isinstance(hs, dict) else 0} handshakes refused by the registry"]
     if denied:
         parts.append("writes refused: " + ", ".join(f"{who} {n}" for who, n in sorted(denied.items())))
-    data = {}
-    for key, v in (statuses or {}).items():
-        node_replica = key.split("/")[1:3]
-        if isinstance(v, dict) and isinstance(v.get("refused"), int) and v["refused"] > 0 and len(node_replica) == 2:
-            data[f"{node_replica[0]}[{node_replica[1]}]"] = v["refused"]
     if data:
         parts.append("connections refused at data sockets: " + ", ".join(f"{r} {n}" for r, n in sorted(data.items())))
     return "security: " + "; ".join(parts)
