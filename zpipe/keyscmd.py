@@ -57,12 +57,9 @@ def _identities(path: str) -> list[str]:
     nodes = data.get("nodes") if isinstance(data, dict) else None
     if not isinstance(nodes, dict):
         return []
-    out = list(nodes)
-    for name, spec in nodes.items():
-        replicas = spec.get("replicas", 1) if isinstance(spec, dict) else 1
-        if isinstance(replicas, int) and not isinstance(replicas, bool) and 1 <= replicas <= 4096:
-            out += [security.replica_identity(name, r) for r in range(replicas)]
-    return out
+    counts = {name: spec.get("replicas", 1) if isinstance(spec, dict) else 1 for name, spec in nodes.items()}
+    valid = {n: c for n, c in counts.items() if isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 4096}
+    return [*nodes, *security.replica_identities(valid)]
 
 
 def add_parser(sub) -> None:

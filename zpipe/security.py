@@ -195,10 +195,14 @@ def replica_identity(node: str, replica: int) -> str:
     return f"{node}.{replica}"
 
 
+def replica_identities(replicas: dict[str, int]) -> list[str]:
+    """`NODE.R` for every replica R of each node, from {node: its number of replicas}."""
+    return [replica_identity(n, r) for n, count in replicas.items() for r in range(count)]
+
+
 def identities(topology) -> list[str]:
     """The identities a topology needs keys for: the special ones, each node's, each replica's."""
-    return [*SPECIAL, *topology.nodes,
-            *(replica_identity(n, r) for n, spec in topology.nodes.items() for r in range(spec.replicas))]
+    return [*SPECIAL, *topology.nodes, *replica_identities({n: s.replicas for n, s in topology.nodes.items()})]
 
 
 # -- credentials ------------------------------------------------------------------------------
@@ -623,7 +627,7 @@ def check(report, top, nodes: dict, base_dir: str) -> None:
         report.add(("security", "keys"), f"key directory {directory!r} does not exist; make it with "
                    f"`zpipe keys {sec.keys} --topology FILE`")
         return
-    replicas = [replica_identity(n, r) for n, spec in nodes.items() for r in range(spec.replicas)]
+    replicas = replica_identities({n: spec.replicas for n, spec in nodes.items()})
     for n in [*SPECIAL, *nodes, *replicas]:  # the secrets this host holds (another host may hold others)
         path = os.path.join(directory, n + SECRET_EXT)
         if os.path.exists(path):
