@@ -286,7 +286,6 @@ def main() -> int:
     try:
         topos = topologies(frames, work)
         long = topologies(LONG * frames, work / "long")
-        per_msg: dict[str, list[float]] = {v: [] for v in VARIANTS}
         longer: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for rep in range(args.repeat):
             line = []
@@ -303,7 +302,6 @@ def main() -> int:
                 if not z4["ok"]:
                     problems.append(f"{name} {LONG * frames:,}-frame run {rep + 1}: expected {z4['expected']:,}, "
                                     f"received {z4['received']:,}")
-                per_msg[name].append(1e6 * (zpipe_cpu(z4) - zpipe_cpu(z)) / ((LONG - 1) * messages))
             for name, rs in runs.items():
                 if not rs[-1]["ok"]:
                     problems.append(f"{name} run {rep + 1}: expected {rs[-1]['expected']:,}, received "
@@ -311,7 +309,8 @@ def main() -> int:
             print(f"  run {rep + 1}: " + "; ".join(line), flush=True)
         gbps = {n: bt.med(r["gbps"] for r in rs) for n, rs in runs.items()}
         cpu_runs = {n: [r["cpu_us"] for r in rs] for n, rs in runs.items() if not n.startswith("zpipe")}
-        cpu_runs.update(per_msg)
+        cpu_runs.update({n: [1e6 * (zpipe_cpu(b) - zpipe_cpu(a)) / ((LONG - 1) * messages)
+                             for a, b in zip(runs[n], longer[n])] for n in VARIANTS})
         cpu = {n: bt.med(v) for n, v in cpu_runs.items()}
         raw, plain = gbps["raw relay chain"], gbps["zpipe, no security"]
         print(f"\n{'pipeline':24s} {'GB/s':>6s} {'range':>11s} {'x raw':>6s} {'x zpipe none':>12s} "
