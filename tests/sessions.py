@@ -161,7 +161,7 @@ class Site:
         return killed
 
 
-def pixel_sum_on_disk(directory: Path, scan: int) -> tuple[int, int]:
+def pixel_sum_on_disk(directory: str | Path, scan: int) -> tuple[int, int]:
     """(sectors, their pixel sum) of a scan's version-5 files: what went to disk, read back."""
     from zpipe_4dcamera.rawfile import read_sectors, scan_files
 

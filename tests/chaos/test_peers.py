@@ -13,6 +13,7 @@ import signal
 import pytest
 
 from chaos_harness import Run, Truth, chaos_topology, params_of
+from sessions import pixel_sum_on_disk
 
 BOUND = 180.0  # seconds a faulted run of four 24x24 scans may take, start to end, on a loaded 2-core machine
 SCAN_MESSAGES = 24 * 24 * 4
@@ -35,15 +36,7 @@ def check_all(run: Run, params: dict, scans: int, **kw) -> dict[int, dict]:
 
 def on_disk(report: dict, scan: int) -> tuple[int, int] | None:
     """(parts, their pixel sum) the report says went to disk, read back from its files; None if none did."""
-    if not report.get("written"):
-        return None
-    from zpipe_4dcamera.rawfile import read_sectors, scan_files
-
-    n = total = 0
-    for _header, sector in read_sectors(scan_files(report["on_disk"]["directory"], scan)):
-        n += 1
-        total += int(sector.sum(dtype="int64"))
-    return n, total
+    return pixel_sum_on_disk(report["on_disk"]["directory"], scan) if report.get("written") else None
 
 
 def no_crash(run: Run, allowed: tuple[str, ...] = ()) -> None:
