@@ -238,8 +238,9 @@ class FakeServer:
     The ROUTER is served by a thread: each HELLO or SNAPSHOT request is answered
     by the next scripted reply for that command (a list of frame lists: all sent,
     the request's own id substituted for ``ID``), or else by a good one. The XPUB
-    is the test thread's: ``publish`` sends raw frames, ``update`` a well-formed
-    update that keeps the sequence.
+    is shared under a lock: the thread hears subscriptions and welcomes each SUB, as
+    the real server does (unless ``welcome`` is False); ``publish`` sends raw frames,
+    ``update`` a well-formed update that keeps the sequence.
     """
 
     ID = object()
@@ -265,6 +266,9 @@ class FakeServer:
         self.entries: list = []
         self.script: dict[bytes, list] = {p.HELLO: [], p.SNAPSHOT: []}
         self.requests: Counter = Counter()
+        self.welcome = True
+        self.pub_lock = threading.Lock()
+        self.subscribed: set[bytes] = set()  # topics some SUB subscribed to
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -283,6 +287,13 @@ class FakeServer:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.pull, zmq.POLLIN)
         while not self._stop.is_set():
+            with self.pub_lock:
+                while self.pub.poll(0):
+                    msg = self.pub.recv()
+                    if msg[:1] == b"\x01":
+                        self.subscribed.add(msg[1:])
+                        if msg[1:2] == p.WELCOME_TOPIC and self.welcome:
+                            self.pub.send(msg[1:])
             for sock, _ in poller.poll(20):
                 frames = sock.recv_multipart()
                 if sock is not self.router:
@@ -299,14 +310,14 @@ class FakeServer:
 
     def wait_subscribed(self, timeout: float = 5.0) -> None:
         """Until the client's SUB has subscribed (an XPUB hears of it)."""
-        seen = set()
         deadline = time.monotonic() + timeout
-        while {b"\x01h", b"\x01k"} - seen:
-            assert self.pub.poll(max(0, deadline - time.monotonic()) * 1000), "client never subscribed"
-            seen.add(self.pub.recv())
+        while {b"h", b"k"} - self.subscribed:
+            assert time.monotonic() < deadline, "client never subscribed"
+            time.sleep(0.005)
 
     def publish(self, frames: list[bytes]) -> None:
-        self.pub.send_multipart(frames)
+        with self.pub_lock:
+            self.pub.send_multipart(frames)
 
     def update(self, key: str, value, origin: bytes = ORIGIN, body: bytes | None = None) -> None:
         """A well-formed update (its ``body`` may be given raw), kept in the snapshot too."""

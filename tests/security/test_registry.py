@@ -230,3 +230,15 @@ def security_spec(keys, **kw):
     from zpipe.topology.model import SecuritySpec
 
     return SecuritySpec(keys=keys, **kw)
+
+
+def test_a_secured_client_sees_every_change_made_after_it_started(secured, keys):
+    """As tests/kv: the CURVE handshake makes a SUB slower to subscribe, and the welcome still
+    holds the snapshot back until it has."""
+    from tests.kv.test_server_client import changes_missed_after_start
+
+    who = {"writer": "registry", "observer": "producer"}
+    missed, resyncs = changes_missed_after_start(
+        secured.address, lambda name: security.credentials(keys, who[name]))
+    print(f"curve: 30 clients started, a write right after each: {missed} missed as updates, {resyncs} resyncs")
+    assert missed == 0 and resyncs == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -56,12 +57,16 @@ class Agent:
     """Owns every socket of one KVClient and runs its protocol, in its thread.
 
     Phases: ``hello`` (ask the bootstrap for the server's epoch and ports),
+    ``subscribing`` (a new SUB waits for its welcome: its subscriptions are in place),
     ``snapshot`` (ask for the state), ``live`` (apply updates). Any doubt about
     being in step sends it back to ``hello``.
     """
 
     HELLO_TIMEOUT = 0.5  # doubled on each retry, up to MAX_TIMEOUT
     SNAPSHOT_TIMEOUT = 5.0
+    # A welcome not back by then (a server that sends none, say): take the snapshot
+    # anyway; the counts catch what the SUB missed, at the price of a resync.
+    WELCOME_TIMEOUT = 1.0
     MAX_TIMEOUT = 10.0
     # After a reply we cannot use, ask again after this long, times 1.5 each
     # time in a row, up to MAX_RETRY: a broken server is not asked at full speed.
@@ -86,6 +91,7 @@ class Agent:
         self.monitor: zmq.Socket | None = None
         self.push: zmq.Socket | None = None
         self.endpoints: tuple[str, str] | None = None
+        self.welcome = b""  # the SUB's welcome topic (connect)
         self.bootstrap_host = (
             p.split_tcp(client.address)[0] if client.address.startswith("tcp://") else ""
         )
@@ -131,6 +137,8 @@ class Agent:
                 self.on_replies()
             if self.phase == "live" and self.sub in events:
                 self.on_updates()
+            elif self.phase == "subscribing" and self.sub in events:
+                self.on_welcome()
             self.timers(time.monotonic())
 
     def drain_wake(self) -> None:
@@ -311,7 +319,8 @@ class Agent:
                 return
         try:
             endpoints = (self.locate(info["pub"]), self.locate(info["collector"]))
-            if endpoints != self.endpoints:
+            connected = endpoints != self.endpoints
+            if connected:
                 self.connect(*endpoints)
         except (ValueError, zmq.ZMQError) as exc:
             self.close_data(push_linger=0)
@@ -325,11 +334,33 @@ class Agent:
             self.republish = True  # a new server knows nothing of our keys
             # Never give up on a live server faster than it beats.
             self.heartbeat_timeout = max(self.c.heartbeat_timeout, 2.5 * info["heartbeat"])
-        # The SUB is connected and subscribed before we ask for the snapshot, so
-        # every update after it is queued for us (the Clone pattern's order).
-        # Whatever is queued already is older than the snapshot: drop it now, so
-        # that a backlog (a flood from a misbehaving server, say) costs one
-        # snapshot, not one resync per message that does not fit.
+        if connected:
+            # Subscriptions travel while the connection is made: wait until the server
+            # has them (our welcome), or a snapshot could be older than our first update.
+            self.phase = "subscribing"
+            self.poller.register(self.sub, zmq.POLLIN)
+            self.deadline = time.monotonic() + self.WELCOME_TIMEOUT
+        else:
+            self.ask_snapshot()
+
+    def on_welcome(self) -> None:
+        for _ in range(1000):  # bounded: a flood must leave the timers their turn
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if frames == [self.welcome]:
+                self.ask_snapshot()
+                return
+            # Anything else is older than the snapshot still to come.
+
+    def ask_snapshot(self) -> None:
+        # The SUB is subscribed before we ask for the snapshot, so every update after
+        # it is queued for us (the Clone pattern's order). Whatever is queued already
+        # is older than the snapshot: drop it now, so that a backlog (a flood from a
+        # misbehaving server, say) costs one snapshot, not one resync per message
+        # that does not fit.
+        self.poller.register(self.sub, 0)  # queued until the snapshot is in
         self.discard_queued()
         self.phase = "snapshot"
         self.request(p.SNAPSHOT, p.pack({"subtrees": list(self.c.subtrees)}), self.SNAPSHOT_TIMEOUT)
@@ -453,6 +484,8 @@ class Agent:
                 return
             self.on_heartbeat(beat)
             return
+        if topic.startswith(p.WELCOME_TOPIC):
+            return  # ours again after a reconnection, or another's: nothing to do live
         if not topic.startswith(p.UPDATE_TOPIC):
             self.reject("update: unknown topic", p.brief(topic[:32]))
             return
@@ -617,6 +650,9 @@ class Agent:
         self.sub.subscribe(p.HEARTBEAT_TOPIC)
         for s in self.c.subtrees:
             self.sub.subscribe(p.UPDATE_TOPIC + s.encode())
+        # A fresh random token: not the client id, which updates show to every subscriber.
+        self.welcome = p.WELCOME_TOPIC + os.urandom(8)
+        self.sub.subscribe(self.welcome)
         self.monitor = self.sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.poller.register(self.monitor, zmq.POLLIN)
         self.sub.connect(pub)

@@ -16,8 +16,15 @@ Sockets (the server binds all three; a client only needs the first address):
 * updates, PUB -> SUB:
     - update:    ``[b"k" + key, packb([seq, epoch, ttl, origin, counts]), body]``
     - heartbeat: ``[b"h", packb({"epoch", "seq", "counts"})]``
+    - welcome:   ``[b"w" + token]``, one frame, sent back (XPUB) for each subscription
+      to a topic ``b"w" + token`` (token at most ``MAX_WELCOME - 1`` bytes)
   The ``k``/``h`` topic prefix lets a SUB filter subtrees by key prefix and still
-  receive heartbeats, whatever the keys look like.
+  receive heartbeats, whatever the keys look like. A client subscribes to its own
+  welcome topic with the others; ZeroMQ sends a SUB's subscriptions in topic order
+  (``h`` < ``k`` < ``w``) on one connection, so its welcome says its updates are
+  live, and a snapshot taken after it misses nothing (the Clone pattern's race
+  between a SUB still connecting and the snapshot). Counts in updates and
+  heartbeats catch anything that still slips through.
 * collector, PULL <- PUSH: ``[key, packb([ttl, refresh, origin]), body]``
 
 ``body`` is the msgpack encoding of one value (the server checks that it decodes,
@@ -54,6 +61,8 @@ HELLO = b"HELLO"
 SNAPSHOT = b"SNAPSHOT"
 UPDATE_TOPIC = b"k"
 HEARTBEAT_TOPIC = b"h"
+WELCOME_TOPIC = b"w"
+MAX_WELCOME = 64  # bytes of a welcome topic
 DELETED = b""
 
 # Control-plane messages are small; a deep queue lets a briefly busy client catch

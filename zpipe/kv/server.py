@@ -155,11 +155,14 @@ class KVServer:
             router.maxmsgsize = 16 * p.MAX_REQUEST
             sockets.append(router)
             router.bind(self.bind)
-            pub = ctx.socket(zmq.PUB)
+            # XPUB, verbose: every subscription reaches us, so that we can welcome each
+            # client's SUB once its subscriptions are in place (see protocol.py).
+            pub = ctx.socket(zmq.XPUB)
             if auth is not None:
                 auth.serve(pub)
             pub.linger = 0
             pub.sndhwm = p.HWM
+            pub.xpub_verbose = True
             sockets.append(pub)
             pub.bind(self.pub_bind)
             collector = ctx.socket(zmq.PULL)
@@ -221,6 +224,7 @@ class _Loop:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.collector, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)
         monitors = {}
         if self.auth is not None:
             # A peer without CURVE (or with a broken handshake) never reaches the ZAP handler:
@@ -268,6 +272,8 @@ class _Loop:
                 self.drain_collector()
             if self.router in events:
                 self.drain_requests()
+            if self.pub in events:
+                self.drain_subscriptions()
             for mon, what in monitors.items():
                 if mon in events:
                     self.on_monitor(mon, what)
@@ -284,6 +290,19 @@ class _Loop:
         if n == 0:
             log.exception("KV server failed on a%s %s; further failures are only counted",
                           "n" if what[0] in "aeiou" else "", what)
+
+    def drain_subscriptions(self) -> None:
+        """Welcome each SUB that subscribes to a welcome topic: its subscriptions travel in
+        order on one connection, so the ones it sent before are in place by now."""
+        for _ in range(BATCH):
+            try:
+                msg = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            # b"\x01" + topic subscribes; anything else (unsubscriptions, or whatever a
+            # peer sends on a SUB-facing socket) needs nothing from us.
+            if msg[:1] == b"\x01" and msg[1:2] == p.WELCOME_TOPIC and len(msg) <= 1 + p.MAX_WELCOME:
+                self.pub.send(msg[1:])
 
     def drain_requests(self) -> None:
         for _ in range(BATCH):
