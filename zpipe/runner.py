@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from zpipe import security, view
 from zpipe.hosts import AddressError, registry_from_topology, resolve
