@@ -238,9 +238,11 @@ class FakeServer:
     The ROUTER is served by a thread: each HELLO or SNAPSHOT request is answered
     by the next scripted reply for that command (a list of frame lists: all sent,
     the request's own id substituted for ``ID``), or else by a good one. The XPUB
-    is shared under a lock: the thread hears subscriptions and welcomes each SUB, as
-    the real server does (unless ``welcome`` is False); ``publish`` sends raw frames,
-    ``update`` a well-formed update that keeps the sequence.
+    is the thread's too (a ZeroMQ socket is one thread's; shared under a lock, the
+    last messages sent from the other thread got stuck): it hears subscriptions and
+    welcomes each SUB, as the real server does (unless ``welcome`` is False), and
+    sends what the test thread hands it, in order, through an inproc pipe:
+    ``publish`` raw frames, ``update`` a well-formed update that keeps the sequence.
     """
 
     ID = object()
@@ -267,7 +269,11 @@ class FakeServer:
         self.script: dict[bytes, list] = {p.HELLO: [], p.SNAPSHOT: []}
         self.requests: Counter = Counter()
         self.welcome = True
-        self.pub_lock = threading.Lock()
+        # The test thread's end of the pipe to the XPUB (the thread's end: _serve).
+        self.feed = self.ctx.socket(zmq.PAIR)
+        self.feed.linger = 0
+        self.feed.sndhwm = 0
+        self.feed.bind(f"inproc://fake-feed-{id(self)}")
         self.subscribed: set[bytes] = set()  # topics some SUB subscribed to
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -286,27 +292,42 @@ class FakeServer:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.pull, zmq.POLLIN)
-        while not self._stop.is_set():
-            with self.pub_lock:
-                while self.pub.poll(0):
-                    msg = self.pub.recv()
-                    if msg[:1] == b"\x01":
-                        self.subscribed.add(msg[1:])
-                        if msg[1:2] == p.WELCOME_TOPIC and self.welcome:
-                            self.pub.send(msg[1:])
-            for sock, _ in poller.poll(20):
-                frames = sock.recv_multipart()
-                if sock is not self.router:
-                    continue  # writes of the client: not needed here
-                identity, cmd, rid = frames[:3]
-                self.requests[cmd] += 1
-                script = self.script.get(cmd)
-                if script:
-                    for reply in script.pop(0):
-                        self.router.send_multipart([identity, *(rid if f is self.ID else f for f in reply)])
-                else:
-                    good = self.good_hello() if cmd == p.HELLO else self.good_snapshot()
-                    self.router.send_multipart([identity, cmd, rid, good])
+        poller.register(self.pub, zmq.POLLIN)
+        feed = self.ctx.socket(zmq.PAIR)
+        feed.linger = 0
+        feed.rcvhwm = 0
+        feed.connect(f"inproc://fake-feed-{id(self)}")
+        poller.register(feed, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                self._serve_once(poller, feed)
+        finally:
+            feed.close(0)
+
+    def _serve_once(self, poller, feed) -> None:
+        for sock, _ in poller.poll(20):
+            if sock is feed:
+                self.pub.send_multipart(feed.recv_multipart())
+                continue
+            if sock is self.pub:
+                msg = self.pub.recv()
+                if msg[:1] == b"\x01":
+                    self.subscribed.add(msg[1:])
+                    if msg[1:2] == p.WELCOME_TOPIC and self.welcome:
+                        self.pub.send(msg[1:])
+                continue
+            frames = sock.recv_multipart()
+            if sock is not self.router:
+                continue  # writes of the client: not needed here
+            identity, cmd, rid = frames[:3]
+            self.requests[cmd] += 1
+            script = self.script.get(cmd)
+            if script:
+                for reply in script.pop(0):
+                    self.router.send_multipart([identity, *(rid if f is self.ID else f for f in reply)])
+            else:
+                good = self.good_hello() if cmd == p.HELLO else self.good_snapshot()
+                self.router.send_multipart([identity, cmd, rid, good])
 
     def wait_subscribed(self, timeout: float = 5.0) -> None:
         """Until the client's SUB has subscribed (an XPUB hears of it)."""
@@ -316,8 +337,7 @@ class FakeServer:
             time.sleep(0.005)
 
     def publish(self, frames: list[bytes]) -> None:
-        with self.pub_lock:
-            self.pub.send_multipart(frames)
+        self.feed.send_multipart(frames)
 
     def update(self, key: str, value, origin: bytes = ORIGIN, body: bytes | None = None) -> None:
         """A well-formed update (its ``body`` may be given raw), kept in the snapshot too."""
@@ -333,7 +353,7 @@ class FakeServer:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        for s in (self.router, self.pub, self.pull):
+        for s in (self.router, self.pub, self.pull, self.feed):
             s.close(0)
         self.ctx.term()
 
@@ -517,7 +537,7 @@ def test_client_survives_1000_malformed_published(fake, fake_client, reason):
     t0 = time.monotonic()
     for frames in cycle(BAD_PUBLISHED[reason]):
         fake.publish(frames)
-    wait_for(lambda: client.rejected.get(reason, 0) >= N, 10, f"{N} rejections: {client.rejected}")
+    wait_for(lambda: client.rejected.get(reason, 0) >= N, 10, f"{N} rejections: {client.rejected} resyncs={client.resyncs} phase={client._agent.phase}")
     fake.update("k/after", 1)
     client.wait(lambda items: items.get("k/after") == 1, timeout=2)
     print(f"{reason!r}: {N} rejected, next update applied {time.monotonic() - t0:.2f} s after the first; "
