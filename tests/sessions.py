@@ -125,7 +125,13 @@ class Site:
             assert f"scan {scan} to node groups" in first, first
             time.sleep(after)  # well into the scan
             left_in = self.stop(name)
-            out, err = acq.communicate(timeout=120)
+            try:
+                out, err = acq.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(acq.pid, signal.SIGKILL)
+                out, err = acq.communicate(timeout=10)
+                raise AssertionError(f"scan {scan}: no account 120 s after {name} left\n"
+                                     f"acquire: {out}{err}\n{self.tails()}") from None
         finally:
             if acq.poll() is None:
                 os.killpg(acq.pid, signal.SIGKILL)
@@ -134,6 +140,11 @@ class Site:
 
     def report(self, scan: int) -> dict:
         return json.loads((self.out(self.registry_host) / f"scan_{scan}_report.json").read_text())
+
+    def tails(self, lines: int = 40) -> str:
+        """The last `lines` of every process's log, for a failure's message (tmp dirs do not last)."""
+        return "\n".join(f"--- {name} ---\n" + "\n".join(self.log(name).splitlines()[-lines:])
+                         for name in self.logs)
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace") if name in self.logs else ""
