@@ -84,6 +84,7 @@ def listed(registry: str) -> dict:
     return json.loads(res.stdout)
 
 
+@pytest.mark.slow  # ~30 s: the default run stays near 10 min; the Slurm tests list sessions in .ci/run
 @pytest.mark.timeout(240)
 def test_a_session_is_listed_while_it_runs_and_after_it_ended(tmp_path, monkeypatch):
     port = free_port()

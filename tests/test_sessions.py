@@ -165,6 +165,7 @@ def test_with_the_aggregator_down_scans_go_to_disk_and_stream_again_once_it_is_b
         assert site.stop(name) < 30
 
 
+@pytest.mark.slow  # ~42 s: the default run stays near 10 min; the sessions test above replays a disk scan in it
 @pytest.mark.timeout(300)
 def test_requests_that_cannot_be_served_are_refused_in_a_line_and_a_replay_request_streams_the_disk_scan(site):
     site.start("servers", "servers")

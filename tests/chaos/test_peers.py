@@ -109,6 +109,7 @@ def test_a_process_killed_frozen_or_leaving_mid_scan_ends_in_an_exact_account(tm
     _fault(tmp_path, node, replica, what, random.Random().uniform(0.1, 0.7))
 
 
+@pytest.mark.slow  # ~60 s: the default run stays near 10 min; the chaos suite freezes every kind of process
 @pytest.mark.timeout(BOUND + 90)
 def test_a_frozen_node_group_default(tmp_path):
     """The default run's representative: node group 0 stopped (SIGSTOP) for 20 s a third of the way into scan 1."""
