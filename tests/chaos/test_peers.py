@@ -24,7 +24,8 @@ def check_all(run: Run, params: dict, scans: int, **kw) -> dict[int, dict]:
     assert sorted(reports) == list(range(1, scans + 1)), f"reports for {sorted(reports)}:\n{run.stdout()}"
     figures = {}
     for scan, r in sorted(reports.items()):
-        if r.get("on_disk") and not r.get("received"):  # no node group was there: the scan went to disk, all of it
+        if r.get("on_disk") and not r.get("received") and not r.get("lost_parts"):
+            # No node group was there: the scan went to disk, all of it.
             assert r["outcome"] == "complete" and r["written"] == r["expected"] > 0, r
             figures[scan] = {"outcome": "on disk", "written": r["written"]}
             continue
