@@ -147,3 +147,69 @@ def test_runner_killed_hard_takes_its_replicas_with_it(topo):
         if proc.poll() is None:
             proc.kill()
     assert not leftovers(str(f))
+
+
+@pytest.mark.timeout(60)
+def test_a_runner_waits_for_a_remote_account_while_the_scan_progresses(server, monkeypatch, tmp_path):
+    """A host whose nodes are done waits for the registry's accountant (on another host) while the scan's
+    flow keys still move, not a fixed 15 s; once they stop moving for ACCOUNT_WAIT it stops waiting, and the
+    account it then makes from its own files says the scan was still open, not that the registry lost it."""
+    from zpipe import runner as r
+    from zpipe.kv import KVClient
+    from zpipe.topology.load import load_topology
+
+    monkeypatch.setattr(r, "ACCOUNT_WAIT", 1.0)
+    run = r.Runner(load_topology(ROOT / "topologies" / "hello.yaml", plugins_of=()), str(tmp_path / "t.yaml"),
+                   output_dir=str(tmp_path))
+    run.pipe = "p1"
+    run.kv = KVClient(server.address, name="runner").start()
+    other = KVClient(server.address, name="another host").start()
+    try:
+        other.set("scans/1", {"pipe": "p1", "status": "streaming"})
+        run.kv.wait(lambda items: "scans/1" in items)
+
+        def progress(seconds: float, then_close: bool) -> None:
+            t_end = time.monotonic() + seconds
+            n = 0
+            while time.monotonic() < t_end:
+                n += 1
+                other.set("flow/nodegroup/0/1", {"received": n, "updated": time.time()})
+                time.sleep(0.3)
+            while not then_close and not stop.is_set():  # republished, no progress: only "updated" moves
+                other.set("flow/nodegroup/0/1", {"received": n, "updated": time.time()})
+                time.sleep(0.3)
+            if then_close:
+                other.set("scans/1", {"pipe": "p1", "status": "done", "summary": "scan 1 complete", "outcome": "complete"})
+
+        import threading
+
+        stop = threading.Event()
+        t = threading.Thread(target=progress, args=(3.0, True))
+        t0 = time.monotonic()
+        t.start()
+        records = run._await_accounts(run._records())
+        took = time.monotonic() - t0
+        t.join()
+        assert records[1].get("summary") == "scan 1 complete" and run.account_waited is None, records
+        assert took > 2.5  # three times ACCOUNT_WAIT: it waited while the counts moved
+
+        other.set("scans/1", {"pipe": "p1", "status": "streaming"})
+        run.kv.wait(lambda items: not items["scans/1"].get("summary"))
+        t = threading.Thread(target=progress, args=(1.5, False))
+        t0 = time.monotonic()
+        t.start()
+        records = run._await_accounts(run._records())
+        took = time.monotonic() - t0
+        stop.set()
+        t.join()
+        print(f"closed after 3 s of progress: waited; no progress for 1 s after 1.5 s: gave up after {took:.1f} s")
+        assert not records[1].get("summary") and 2.0 < took < 5.0, took
+        waited, quiet = run.account_waited
+        assert quiet >= 1.0
+        mine = run._from_files(1, records[1], still_open=True)
+        # Not "lost": open at the registry, and nothing of it on this host (this host ran no node of it).
+        assert "had not closed the scan" in mine["summary"] and "holds no account" not in mine["summary"], mine
+        print(mine["summary"])
+    finally:
+        other.close()
+        run.kv.close()

@@ -38,7 +38,8 @@ STOP_GRACE = 25.0
 SAME_REQUEST = 2.0  # s: a signal this soon after the first is the same request
 STALL = 60.0  # seconds without progress, after a node died, before the rest is stopped
 EXIT_COMPLETE, EXIT_INCOMPLETE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 3, 4, 130
-ACCOUNT_WAIT = 15.0  # seconds to wait for a remote accountant to close this run's scans
+ACCOUNT_WAIT = 15.0  # seconds without progress before a runner stops waiting for a remote accountant
+ACCOUNT_WAIT_MAX = 600.0  # seconds it waits at most, progress or not
 REGISTRY_WAIT = 30.0  # seconds a runner waits for another host's registry to answer (hosts start in any order)
 PIPELINE_WAIT = 10.0  # seconds it then waits for that host's runner to publish the pipeline's id
 # Where launchers put a task's rank: Slurm (srun), MPICH/Hydra (PMI), PMIx, Open MPI.
@@ -157,6 +158,7 @@ class Runner:
         self.pipe: str | None = None
         self.died: list[str] = []
         self.seen_scans: dict[int, dict] = {}  # scan -> its record as last seen
+        self.account_waited: tuple[float, float] | None = None  # (waited, without progress) for an open account
         self._stop = threading.Event()
         self._signals = 0  # SIGINT/SIGTERM received: the first stops gracefully, a second at once
         self._first_signal = 0.0
@@ -484,12 +486,8 @@ class Runner:
         """Print each scan's account (this run's scans); return their outcomes. Reports this host's
         accountant did not write (an external registry's did) are written to the output directory here."""
         records = self._records()
-        if self.accountant is None:  # the registry's accountant closes them: give it a moment (bounded)
-            deadline = time.monotonic() + ACCOUNT_WAIT
-            while time.monotonic() < deadline and any(
-                    not r.get("summary") and not r.get("fallback") for r in records.values()):
-                time.sleep(0.1)
-                records = self._records()
+        if self.accountant is None:  # the registry's accountant closes them: wait while they progress
+            records = self._await_accounts(records)
         if self.accountant is not None:
             for scan, rep in list(self.accountant.reports.items()):
                 if scan in records:
@@ -505,7 +503,7 @@ class Runner:
             if not rec.get("summary") or (self.accountant is None and rec.get("outcome") != "complete"):
                 # No account in the registry, or one the registry may have made without parties it lost
                 # (an outage): the parties' own files here, when they hold the whole account, or no better.
-                mine = self._from_files(scan, {**self.seen_scans.get(scan, {}), **rec})
+                mine = self._from_files(scan, {**self.seen_scans.get(scan, {}), **rec}, still_open=bool(rec) and not rec.get("summary"))
                 if not rec.get("summary") or mine.get("whole"):
                     records[scan] = mine
         outcomes = []
@@ -538,21 +536,53 @@ class Runner:
             print(line, file=self.out, flush=True)
         return outcomes
 
-    def _from_files(self, scan: int, rec: dict) -> dict:
+    def _await_accounts(self, records: dict[int, dict]) -> dict[int, dict]:
+        """This run's scans as the registry holds them, once its accountant closed them all, or once none
+        of the open ones made progress (their flow keys) for ACCOUNT_WAIT s, or after ACCOUNT_WAIT_MAX s:
+        another host may still be processing a scan long after this host's nodes ended."""
+        t0 = time.monotonic()
+        quiet_since, last, signals = t0, None, self._signals
+        while self._signals == signals:  # a signal now: the user will not wait
+            open_scans = {str(n) for n, r in records.items() if not r.get("summary") and not r.get("fallback")}
+            if not open_scans:
+                break
+            now = time.monotonic()
+            # Counts, not when they were last published (nodes republish the same ones).
+            progress = sorted((k, repr({f: x for f, x in v.items() if f != "updated"} if isinstance(v, dict) else v))
+                              for k, v in self.kv.items("flow/").items() if k.rpartition("/")[2] in open_scans)
+            if progress != last:
+                last, quiet_since = progress, now
+            if now - quiet_since >= ACCOUNT_WAIT or now - t0 >= ACCOUNT_WAIT_MAX:
+                self.account_waited = (now - t0, now - quiet_since)
+                break
+            time.sleep(0.1)
+            records = self._records()
+        return records
+
+    def _from_files(self, scan: int, rec: dict, still_open: bool = False) -> dict:
         """No account in the registry (it was lost, or never closed): the one the parties kept on this
         host's disk (zpipe.scans.accountant.from_files). It says so, and fails unless it is whole."""
         from zpipe.scans import account
         from zpipe.scans.accountant import from_files
         from zpipe.scans.record import write_json
 
+        if still_open and self.account_waited is not None:
+            # The registry still holds the scan, open: not lost, just not closed while we waited.
+            waited, quiet = self.account_waited
+            why = (f"the registry's accountant had not closed the scan {waited:.0f} s after this host's nodes "
+                   f"ended (no progress for the last {quiet:.0f} s; the registry's host writes its report)")
+            note = f"{why}; this account is made from the parties' own files on this host"
+        else:
+            why = "the registry holds no account of it"
+            note = "the registry lost the scan's account; this one is made from the parties' own files"
         try:
-            rep = from_files(self.output_dir, scan, self.pipe)
+            rep = from_files(self.output_dir, scan, self.pipe, note)
         except Exception as exc:  # files of the wrong shape: still a line, and a failed one
             rep, error = None, f"; the files kept on this host do not add up: {exc}"
         else:
             error = "; nothing of it was kept on this host either"
         if rep is None:
-            return {**rec, "outcome": "failed", "summary": f"scan {scan} failed: the registry holds no account of it{error}"}
+            return {**rec, "outcome": "failed", "summary": f"scan {scan} failed: {why}{error}"}
         path = write_json(os.path.join(self.output_dir, f"scan_{scan}_report.json"), rep)
         return {**rec, "outcome": rep["outcome"], "report_file": path, "summary": account.summary_line(rep),
                 "from_files": True, "whole": not rep.get("missing_parties")}

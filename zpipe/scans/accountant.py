@@ -313,7 +313,9 @@ def _fingerprint(inputs) -> tuple:
             tuple((n, rev(o)) for n, o in sorted(outputs.items())))
 
 
-def from_files(output_dir: str, scan: int, pipe: str) -> dict | None:
+def from_files(output_dir: str, scan: int, pipe: str,
+               note: str = "the registry lost the scan's account; this one is made from the parties' own files",
+               ) -> dict | None:
     """The scan's account made from the files its parties kept in `output_dir` (zpipe.scans.record.write_part):
     for when the registry lost it. Its outcome is failed unless every party's figures are there."""
     rec = record.read_part(output_dir, scan, "record")
@@ -342,7 +344,6 @@ def from_files(output_dir: str, scan: int, pipe: str) -> dict | None:
             outputs[name] = value
     gone = {label: "its figures are not on this host" for label in missing}
     rep = account.total(scan, rec, producers, agg_flow, parts, gone, outputs)
-    note = "the registry lost the scan's account; this one is made from the parties' own files"
     if missing:
         rep["outcome"], rep["ok"] = "failed", False
         rep["reasons"] = [f"{note}, and those of {', '.join(missing)} are not on this host", *rep["reasons"]]
