@@ -37,10 +37,15 @@ def net(request):
 
 def frames_named(ranges) -> int:
     """How many frames a report's ranges ([[first, last], ...] or single keys) name."""
-    n = 0
+    return len(frames_in(ranges))
+
+
+def frames_in(ranges) -> set[int]:
+    """The frames a report's ranges ([[first, last], ...] or single keys) name."""
+    out: set[int] = set()
     for r in ranges or ():
-        n += (int(r[1]) - int(r[0]) + 1) if isinstance(r, (list, tuple)) else 1
-    return n
+        out.update(range(int(r[0]), int(r[1]) + 1) if isinstance(r, (list, tuple)) else (int(r),))
+    return out
 
 
 def streaming(path, timeout: float = 60.0) -> bool:
@@ -90,8 +95,10 @@ def test_a_link_cut_for_five_seconds_mid_scan_is_survived_or_accounted_exactly(n
     report = json.loads((agg / "scan_1_report.json").read_text())
     items = report["items"]
     assert items["expected"] == FRAMES, items
-    # Named: items no part of which was processed (ranges), and items short of parts (each with its parts).
-    named = frames_named(report.get("missing_item_ranges")) + len(report.get("missing_parts") or {})
+    # Named: items no part of which was processed (ranges), items short of parts (each with its parts), and
+    # items whose parts went to different node groups (split: each part processed, never the whole item).
+    named = len(frames_in(report.get("missing_item_ranges")) | {int(k) for k in report.get("missing_parts") or {}}
+                | set(report.get("split_items") or ()))
     summary = (f"link of {host} cut for {CUT:g} s mid-scan ({cut_log}): runners ended in {took:.1f} s "
                f"(exit {codes}); outcome {report['outcome']}: expected {report['expected']:,}, "
                f"received {report['received']:,}, {items['complete']:,} complete + {items['incomplete']:,} "
