@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -181,27 +182,26 @@ def test_a_runner_waits_for_a_remote_account_while_the_scan_progresses(server, m
             if then_close:
                 other.set("scans/1", {"pipe": "p1", "status": "done", "summary": "scan 1 complete", "outcome": "complete"})
 
-        import threading
+        def awaited(seconds: float, then_close: bool) -> tuple[dict, float]:
+            """What the runner's wait returns while another host progresses `seconds`, and how long it took."""
+            t = threading.Thread(target=progress, args=(seconds, then_close))
+            t0 = time.monotonic()
+            t.start()
+            records = run._await_accounts(run._records())
+            took = time.monotonic() - t0
+            stop.set()
+            t.join()
+            return records, took
 
         stop = threading.Event()
-        t = threading.Thread(target=progress, args=(3.0, True))
-        t0 = time.monotonic()
-        t.start()
-        records = run._await_accounts(run._records())
-        took = time.monotonic() - t0
-        t.join()
+        records, took = awaited(3.0, True)
         assert records[1].get("summary") == "scan 1 complete" and run.account_waited is None, records
         assert took > 2.5  # three times ACCOUNT_WAIT: it waited while the counts moved
 
         other.set("scans/1", {"pipe": "p1", "status": "streaming"})
         run.kv.wait(lambda items: not items["scans/1"].get("summary"))
-        t = threading.Thread(target=progress, args=(1.5, False))
-        t0 = time.monotonic()
-        t.start()
-        records = run._await_accounts(run._records())
-        took = time.monotonic() - t0
-        stop.set()
-        t.join()
+        stop.clear()
+        records, took = awaited(1.5, False)
         print(f"closed after 3 s of progress: waited; no progress for 1 s after 1.5 s: gave up after {took:.1f} s")
         assert not records[1].get("summary") and 2.0 < took < 5.0, took
         waited, quiet = run.account_waited
