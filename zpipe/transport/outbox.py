@@ -16,6 +16,9 @@ import zmq
 LOOK_S = 0.05  # how often a blocked sender looks at the registry and the roster
 POLL_MS = 100  # longest single wait for room on a socket
 MOVED_LINGER_MS = 5_000  # a replica that moved: what is queued to its old address still goes out if it can
+# A replica alive in the roster but with no endpoint of this socket in our registry view for this long is
+# given up on (PeerGone), as one that died would be: the send must not wait for it forever.
+ENDPOINT_WAIT = 30.0
 
 
 class PeerGone(Exception):
@@ -102,12 +105,19 @@ class Outbox:
         if self.try_send(replica, frames):
             return
         meter, stop = self.rt.meter, self.rt.stop
+        unknown_since = None
         while True:
             t0 = time.monotonic()
             sock = self.socks.get(replica)
             if sock is not None:
+                unknown_since = None
                 sock.poll(POLL_MS, zmq.POLLOUT)
             else:
+                if unknown_since is None:
+                    unknown_since = t0
+                elif t0 - unknown_since >= ENDPOINT_WAIT:
+                    raise PeerGone(self.label(replica), f"alive, but no endpoint of it was registered for "
+                                                        f"{ENDPOINT_WAIT:g} s")
                 time.sleep(LOOK_S)
             meter.blocked_s += time.monotonic() - t0
             if stop.is_set():
