@@ -12,9 +12,35 @@ TOPOLOGIES = ROOT / "topologies"
 
 
 def zpipe(*args: str, timeout: float = 60, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    """Run the zpipe command; never hangs a test (the timeout kills it)."""
-    return subprocess.run([sys.executable, "-m", "zpipe", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+    """Run the zpipe command; never hangs a test: at the timeout it is killed with every process it started
+    (a runner's replicas run in sessions of their own; one stuck at its end once outlived a killed runner)."""
+    proc = subprocess.Popen([sys.executable, "-m", "zpipe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL `pid` and all its descendants, by pid (found before any is killed); the pids killed."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
 
 
 def third_party(where: Path, dist: str, version: str, entry_points: dict[str, str],
