@@ -182,31 +182,31 @@ def test_a_runner_waits_for_a_remote_account_while_the_scan_progresses(server, m
             if then_close:
                 other.set("scans/1", {"pipe": "p1", "status": "done", "summary": "scan 1 complete", "outcome": "complete"})
 
-        def awaited(seconds: float, then_close: bool) -> tuple[dict, float]:
+        def awaited(seconds: float, then_close: bool) -> tuple[dict, tuple | None, float]:
             """What the runner's wait returns while another host progresses `seconds`, and how long it took."""
             t = threading.Thread(target=progress, args=(seconds, then_close))
             t0 = time.monotonic()
             t.start()
-            records = run._await_accounts(run._records())
+            records, unclosed = run._await_accounts(run._records())
             took = time.monotonic() - t0
             stop.set()
             t.join()
-            return records, took
+            return records, unclosed, took
 
         stop = threading.Event()
-        records, took = awaited(3.0, True)
-        assert records[1].get("summary") == "scan 1 complete" and run.account_waited is None, records
+        records, unclosed, took = awaited(3.0, True)
+        assert records[1].get("summary") == "scan 1 complete" and unclosed is None, records
         assert took > 2.5  # three times ACCOUNT_WAIT: it waited while the counts moved
 
         other.set("scans/1", {"pipe": "p1", "status": "streaming"})
         run.kv.wait(lambda items: not items["scans/1"].get("summary"))
         stop.clear()
-        records, took = awaited(1.5, False)
+        records, unclosed, took = awaited(1.5, False)
         print(f"closed after 3 s of progress: waited; no progress for 1 s after 1.5 s: gave up after {took:.1f} s")
         assert not records[1].get("summary") and 2.0 < took < 5.0, took
-        waited, quiet = run.account_waited
+        waited, quiet = unclosed
         assert quiet >= 1.0
-        mine = run._from_files(1, records[1], still_open=True)
+        mine = run._from_files(1, records[1], unclosed)
         # Not "lost": open at the registry, and nothing of it on this host (this host ran no node of it).
         assert "had not closed the scan" in mine["summary"] and "holds no account" not in mine["summary"], mine
         print(mine["summary"])

@@ -158,7 +158,6 @@ class Runner:
         self.pipe: str | None = None
         self.died: list[str] = []
         self.seen_scans: dict[int, dict] = {}  # scan -> its record as last seen
-        self.account_waited: tuple[float, float] | None = None  # (waited, without progress) for an open account
         self._stop = threading.Event()
         self._signals = 0  # SIGINT/SIGTERM received: the first stops gracefully, a second at once
         self._first_signal = 0.0
@@ -485,9 +484,9 @@ class Runner:
     def report_scans(self) -> list[str]:
         """Print each scan's account (this run's scans); return their outcomes. Reports this host's
         accountant did not write (an external registry's did) are written to the output directory here."""
-        records = self._records()
+        records, unclosed = self._records(), None
         if self.accountant is None:  # the registry's accountant closes them: wait while they progress
-            records = self._await_accounts(records)
+            records, unclosed = self._await_accounts(records)
         if self.accountant is not None:
             for scan, rep in list(self.accountant.reports.items()):
                 if scan in records:
@@ -503,7 +502,9 @@ class Runner:
             if not rec.get("summary") or (self.accountant is None and rec.get("outcome") != "complete"):
                 # No account in the registry, or one the registry may have made without parties it lost
                 # (an outage): the parties' own files here, when they hold the whole account, or no better.
-                mine = self._from_files(scan, {**self.seen_scans.get(scan, {}), **rec}, still_open=bool(rec) and not rec.get("summary"))
+                still_open = bool(rec) and not rec.get("summary")  # the registry holds it, not closed yet
+                mine = self._from_files(scan, {**self.seen_scans.get(scan, {}), **rec},
+                                        unclosed if still_open else None)
                 if not rec.get("summary") or mine.get("whole"):
                     records[scan] = mine
         outcomes = []
@@ -536,10 +537,11 @@ class Runner:
             print(line, file=self.out, flush=True)
         return outcomes
 
-    def _await_accounts(self, records: dict[int, dict]) -> dict[int, dict]:
+    def _await_accounts(self, records: dict[int, dict]) -> tuple[dict[int, dict], tuple[float, float] | None]:
         """This run's scans as the registry holds them, once its accountant closed them all, or once none
         of the open ones made progress (their flow keys) for ACCOUNT_WAIT s, or after ACCOUNT_WAIT_MAX s:
-        another host may still be processing a scan long after this host's nodes ended."""
+        another host may still be processing a scan long after this host's nodes ended. With them, None
+        if the wait ended with every scan closed (or by a signal), else (seconds waited, without progress)."""
         t0 = time.monotonic()
         quiet_since, last, signals = t0, None, self._signals
         while self._signals == signals:  # a signal now: the user will not wait
@@ -553,28 +555,26 @@ class Runner:
             if progress != last:
                 last, quiet_since = progress, now
             if now - quiet_since >= ACCOUNT_WAIT or now - t0 >= ACCOUNT_WAIT_MAX:
-                self.account_waited = (now - t0, now - quiet_since)
-                break
+                return records, (now - t0, now - quiet_since)
             time.sleep(0.1)
             records = self._records()
-        return records
+        return records, None
 
-    def _from_files(self, scan: int, rec: dict, still_open: bool = False) -> dict:
+    def _from_files(self, scan: int, rec: dict, unclosed: tuple[float, float] | None = None) -> dict:
         """No account in the registry (it was lost, or never closed): the one the parties kept on this
-        host's disk (zpipe.scans.accountant.from_files). It says so, and fails unless it is whole."""
+        host's disk (zpipe.scans.accountant.from_files). It says so, and fails unless it is whole.
+        `unclosed`: the registry still holds the scan, open after we waited (seconds, without progress)."""
         from zpipe.scans import account
-        from zpipe.scans.accountant import from_files
+        from zpipe.scans.accountant import LOST, from_files
         from zpipe.scans.record import write_json
 
-        if still_open and self.account_waited is not None:
-            # The registry still holds the scan, open: not lost, just not closed while we waited.
-            waited, quiet = self.account_waited
+        if unclosed is not None:  # not lost, just not closed while we waited
+            waited, quiet = unclosed
             why = (f"the registry's accountant had not closed the scan {waited:.0f} s after this host's nodes "
                    f"ended (no progress for the last {quiet:.0f} s; the registry's host writes its report)")
             note = f"{why}; this account is made from the parties' own files on this host"
         else:
-            why = "the registry holds no account of it"
-            note = "the registry lost the scan's account; this one is made from the parties' own files"
+            why, note = "the registry holds no account of it", LOST
         try:
             rep = from_files(self.output_dir, scan, self.pipe, note)
         except Exception as exc:  # files of the wrong shape: still a line, and a failed one

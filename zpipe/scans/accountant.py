@@ -313,9 +313,10 @@ def _fingerprint(inputs) -> tuple:
             tuple((n, rev(o)) for n, o in sorted(outputs.items())))
 
 
-def from_files(output_dir: str, scan: int, pipe: str,
-               note: str = "the registry lost the scan's account; this one is made from the parties' own files",
-               ) -> dict | None:
+LOST = "the registry lost the scan's account; this one is made from the parties' own files"
+
+
+def from_files(output_dir: str, scan: int, pipe: str, note: str = LOST) -> dict | None:
     """The scan's account made from the files its parties kept in `output_dir` (zpipe.scans.record.write_part):
     for when the registry lost it. Its outcome is failed unless every party's figures are there."""
     rec = record.read_part(output_dir, scan, "record")
