@@ -313,8 +313,9 @@ class FakeServer:
                 msg = self.pub.recv()
                 if msg[:1] == b"\x01":
                     self.subscribed.add(msg[1:])
-                    if msg[1:2] == p.WELCOME_TOPIC and self.welcome:
-                        self.pub.send(msg[1:])
+                welcome = p.welcome_for(msg)
+                if welcome is not None and self.welcome:
+                    self.pub.send(welcome)
                 continue
             frames = sock.recv_multipart()
             if sock is not self.router:

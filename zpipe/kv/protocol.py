@@ -197,3 +197,12 @@ def sibling(bind: str, suffix: str) -> str:
         host, _ = split_tcp(bind)
         return f"tcp://{host}:0"
     return f"{bind}.{suffix}"
+
+
+def welcome_for(subscription: bytes) -> bytes | None:
+    """What a server sends back for a message its XPUB received: the welcome topic when it is a
+    subscription (byte 1, then the topic) to one, within ``MAX_WELCOME`` bytes; else None (an
+    unsubscription, another topic, or whatever a peer sent on a SUB-facing socket)."""
+    if subscription[:1] == b"\x01" and subscription[1:2] == WELCOME_TOPIC and len(subscription) <= 1 + MAX_WELCOME:
+        return subscription[1:]
+    return None

@@ -299,10 +299,9 @@ class _Loop:
                 msg = self.pub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            # b"\x01" + topic subscribes; anything else (unsubscriptions, or whatever a
-            # peer sends on a SUB-facing socket) needs nothing from us.
-            if msg[:1] == b"\x01" and msg[1:2] == p.WELCOME_TOPIC and len(msg) <= 1 + p.MAX_WELCOME:
-                self.pub.send(msg[1:])
+            welcome = p.welcome_for(msg)
+            if welcome is not None:
+                self.pub.send(welcome)
 
     def drain_requests(self) -> None:
         for _ in range(BATCH):
