@@ -73,8 +73,11 @@ def test_mpi_gathering_under_srun_pmi2_writes_the_files_a_plain_session_writes(s
     mpi, mpi_log = submit(site, slurm, "--mpi", "pmi2", out="mpi")
     site.wait_alive("nodegroup", 2, timeout=90)
     joined = time.monotonic() - t0
+    # Each rank's first line reaches the job's log through srun in its own time: wait for both (bounded).
+    ranks = ("nodegroup[0] as MPI rank 0 of 2", "nodegroup[1] as MPI rank 1 of 2")
+    wait_for(lambda: all(r in mpi_log.read_text(errors="replace") for r in ranks), 30, "both ranks' first lines")
     text = mpi_log.read_text(errors="replace")
-    assert "nodegroup[0] as MPI rank 0 of 2" in text and "nodegroup[1] as MPI rank 1 of 2" in text, text
+    assert all(r in text for r in ranks), text
     run_scans(site, 3, seed=8)
 
     same = []
